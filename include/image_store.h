@@ -1,0 +1,82 @@
+/*
+ * image_store.h — the images directory: decoding base64 images straight into
+ * uniquely named files, and the per-request bookkeeping that makes a request
+ * all-or-nothing on disk.
+ *
+ * Layout under the images directory:
+ *   ab/cd/abcd<28 more hex>.<ext>   one image; the name is 128 random bits
+ *                                   (getrandom), the extension comes from the
+ *                                   decoded file's magic bytes
+ *   .pending/<batch key>.list       journal of one open request: each file's
+ *                                   relative path, written before the file is
+ *                                   created; removed once the request commits
+ *                                   or its files are removed
+ * A journal left behind by a crash names every file a request may have
+ * written; `gc` removes those files unless the request committed.
+ */
+#ifndef JI_IMAGE_STORE_H
+#define JI_IMAGE_STORE_H
+
+#include "common.h"
+
+/** The images directory. Opened once per process, read-only afterwards, shared by every thread. */
+typedef struct st_ji_image_store_t {
+    char *dir;   /**< path given at open (owned) */
+    int dir_fd;  /**< O_DIRECTORY fd of it */
+    bool fsync;  /**< --fsync: make files durable before a request commits */
+} ji_image_store_t;
+
+/** Creates the directory (and .pending) if missing and opens it. 0, or -1 with `err` filled. */
+int ji_image_store_open(ji_image_store_t *s, const char *dir, bool fsync, ji_error_t *err) JI_MUST_CHECK;
+void ji_image_store_close(ji_image_store_t *s);
+
+/** What one stored image turned out to be. */
+typedef struct st_ji_image_info_t {
+    char path[64];    /**< relative to the images directory, e.g. "ab/cd/abcd....png" */
+    const char *mime; /**< e.g. "image/png"; "application/octet-stream" when the magic bytes are unknown */
+    uint64_t size;    /**< decoded bytes */
+} ji_image_info_t;
+
+/** The files of one request. Memory does not grow with the number of files. */
+typedef struct st_ji_image_batch_t ji_image_batch_t;
+
+/** Starts a request's batch: a fresh random key and its journal. NULL with `err` filled on failure. */
+ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err);
+
+/** The batch key: 32 lowercase hex characters, unique across threads, restarts and hosts. */
+const char *ji_image_batch_key(const ji_image_batch_t *b);
+
+/**
+ * Decodes one image into a new file. `text` is standard base64 (padding optional; spaces, tabs, CR and LF
+ * anywhere are ignored) or a `data:<mime>;base64,<base64>` URL. Anything else is JI_ERR_INVALID naming field
+ * "image" and `line`; ENOSPC/EDQUOT is JI_ERR_DISK_FULL; other I/O errors JI_ERR_INTERNAL. On error no file
+ * is left behind. A text that holds no base64 characters at all stores nothing and returns 1 (no image).
+ * 0 = stored (`out` filled), 1 = no image, -1 = error.
+ */
+int ji_image_batch_write(ji_image_batch_t *b, uint64_t line, const char *text, size_t len, ji_image_info_t *out,
+                         ji_error_t *err) JI_MUST_CHECK;
+
+/** Removes one file this batch wrote (a record skipped after its image was stored). */
+void ji_image_batch_remove(ji_image_batch_t *b, const ji_image_info_t *info);
+
+/** Number of files written and still kept. */
+uint64_t ji_image_batch_count(const ji_image_batch_t *b);
+
+/** With fsync on: makes every file of the batch and its directory entries durable. Call before COMMIT. */
+int ji_image_batch_sync(ji_image_batch_t *b, ji_error_t *err) JI_MUST_CHECK;
+
+/** The request committed: keeps the files, drops the journal, frees `b`. */
+void ji_image_batch_commit(ji_image_batch_t *b);
+
+/** The request failed: removes every file of the batch and the journal, frees `b`. */
+void ji_image_batch_abort(ji_image_batch_t *b);
+
+/**
+ * Removes what crashed requests left: for each journal in .pending, asks `committed(ctx, key)`; 1 keeps the
+ * files, 0 removes them, -1 (cannot tell) leaves that journal alone. Then drops the journal. Also removes
+ * half-written temporary files. Counts removed files in `*removed`. 0, or -1 with `err` filled.
+ */
+int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx,
+                      uint64_t *removed, ji_error_t *err) JI_MUST_CHECK;
+
+#endif

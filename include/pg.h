@@ -1,0 +1,78 @@
+/*
+ * pg.h — non-blocking libpq on an h2o event loop, and a per-thread pool of
+ * idle connections. The connection's socket is watched by the loop (a dup of
+ * PQsocket registered with h2o_evloop_socket_create); nothing here ever
+ * blocks. The layer knows nothing of JSON or HTTP.
+ *
+ * One operation at a time per connection: a query (answered by a result
+ * callback), or a COPY FROM STDIN in progress (fed with ji_pg_copy_put, ended
+ * with ji_pg_copy_end). Output backpressure is explicit: ji_pg_copy_put
+ * answers 1 when libpq could not hand everything to the kernel, and the
+ * drain callback fires once it has.
+ */
+#ifndef JI_PG_H
+#define JI_PG_H
+
+#include <libpq-fe.h>
+#include <h2o.h>
+#include "common.h"
+
+typedef struct st_ji_pg_t ji_pg_t;
+typedef struct st_ji_pg_pool_t ji_pg_pool_t;
+
+/** Connected (err NULL) or failed (err says why; the caller still owns `pg` and frees or puts it back). */
+typedef void (*ji_pg_ready_cb)(ji_pg_t *pg, void *ctx, const char *err);
+/**
+ * The result of a query. `res` is valid only during the call (the layer clears it). On failure `err` is
+ * non-NULL (the server's message or the connection error) and `res` may be NULL. For a COPY ... FROM STDIN
+ * statement, success means the server entered COPY IN mode (PQresultStatus(res) == PGRES_COPY_IN).
+ */
+typedef void (*ji_pg_result_cb)(ji_pg_t *pg, void *ctx, PGresult *res, const char *err);
+/** Output drained (err NULL), or the connection failed while nothing else would have told (err set). */
+typedef void (*ji_pg_event_cb)(ji_pg_t *pg, void *ctx, const char *err);
+
+/* ---- pool: one per event loop (thread) ---- */
+
+/** A pool for `loop` connecting with `conninfo` (copied), keeping at most `max_idle` idle connections. */
+ji_pg_pool_t *ji_pg_pool_new(h2o_loop_t *loop, const char *conninfo, size_t max_idle);
+/** Frees every idle connection; connections handed out must have been put back or freed before. */
+void ji_pg_pool_free(ji_pg_pool_t *pool);
+/**
+ * A connection: an idle one when there is one, else a new one. `cb` always fires later from the loop, never
+ * inside this call. Returns NULL only when out of memory. Cancel by ji_pg_free (no callback after that).
+ */
+ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx);
+/** Gives `pg` back: kept idle when healthy, out of any transaction and the pool has room; freed otherwise. */
+void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg);
+/** Counters for /metrics. */
+size_t ji_pg_pool_idle(const ji_pg_pool_t *pool);
+size_t ji_pg_pool_busy(const ji_pg_pool_t *pool);
+
+/* ---- one connection ---- */
+
+/** Closes the connection (any open transaction rolls back on the server). No callback fires afterwards. */
+void ji_pg_free(ji_pg_t *pg);
+
+/** Sends one statement with text parameters (values copied by libpq). 0, or -1 (see ji_pg_error). */
+int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *values, ji_pg_result_cb cb, void *ctx)
+    JI_MUST_CHECK;
+
+/**
+ * During COPY IN: queues `len` bytes (libpq copies them) and tries to send. 0 = handed to the kernel,
+ * 1 = some still queued (stop producing until the drain callback), -1 = connection failed (see ji_pg_error).
+ */
+int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len) JI_MUST_CHECK;
+
+/** Sets the drain/failure callback used during COPY IN (NULL to clear). */
+void ji_pg_set_event_cb(ji_pg_t *pg, ji_pg_event_cb cb, void *ctx);
+
+/** Ends COPY IN: normally (`abort_msg` NULL) or aborted. `cb` receives the COPY's final result. */
+int ji_pg_copy_end(ji_pg_t *pg, const char *abort_msg, ji_pg_result_cb cb, void *ctx) JI_MUST_CHECK;
+
+/** The last error of the connection (libpq's message, trimmed), or "" */
+const char *ji_pg_error(const ji_pg_t *pg);
+
+/** The libpq connection, for reading results' helpers only (never for blocking calls). */
+PGconn *ji_pg_conn(ji_pg_t *pg);
+
+#endif

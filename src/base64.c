@@ -1,0 +1,2 @@
+/* base64.c — placeholder until the module lands. */
+#include "common.h"

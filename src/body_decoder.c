@@ -1,0 +1,2 @@
+/* body_decoder.c — placeholder until the module lands. */
+#include "common.h"

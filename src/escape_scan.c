@@ -1,0 +1,2 @@
+/* escape_scan.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* front_door.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* image_store.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* ingest.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* pg.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* record_parser.c — placeholder until the module lands. */
+#include "common.h"

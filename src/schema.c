@@ -1,0 +1,2 @@
+/* schema.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* splitter.c — placeholder until the module lands. */
+#include "common.h"

@@ -1,0 +1,2 @@
+/* utf8.c — placeholder until the module lands. */
+#include "common.h"
