@@ -68,13 +68,21 @@ int ji_image_batch_sync(ji_image_batch_t *b, ji_error_t *err) JI_MUST_CHECK;
 /** The request committed: keeps the files, drops the journal, frees `b`. */
 void ji_image_batch_commit(ji_image_batch_t *b);
 
+/**
+ * The outcome of the request is unknown (COMMIT sent, answer lost): keeps the files AND the journal, so that
+ * gc decides later from the batches table; frees `b`.
+ */
+void ji_image_batch_forget(ji_image_batch_t *b);
+
 /** The request failed: removes every file of the batch and the journal, frees `b`. */
 void ji_image_batch_abort(ji_image_batch_t *b);
 
 /**
  * Removes what crashed requests left: for each journal in .pending, asks `committed(ctx, key)`; 1 keeps the
- * files, 0 removes them, -1 (cannot tell) leaves that journal alone. Then drops the journal. Also removes
- * half-written temporary files. Counts removed files in `*removed`. 0, or -1 with `err` filled.
+ * files, 0 removes them, -1 (cannot tell) leaves that journal alone. Then drops the journal. Journals of
+ * batches still open (in any process: they hold a lock on their journal) are skipped without asking. A
+ * half-written file is listed in its batch's journal like any other and goes with it. Counts removed files in
+ * `*removed`. 0, or -1 with `err` filled (gc still went through every journal it could).
  */
 int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx,
                       uint64_t *removed, ji_error_t *err) JI_MUST_CHECK;

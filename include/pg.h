@@ -35,7 +35,10 @@ typedef void (*ji_pg_event_cb)(ji_pg_t *pg, void *ctx, const char *err);
 
 /** A pool for `loop` connecting with `conninfo` (copied), keeping at most `max_idle` idle connections. */
 ji_pg_pool_t *ji_pg_pool_new(h2o_loop_t *loop, const char *conninfo, size_t max_idle);
-/** Frees every idle connection; connections handed out must have been put back or freed before. */
+/**
+ * Frees every idle connection; connections handed out must have been put back or freed before. Call it outside
+ * h2o_evloop_run (the pool's timeouts sit in the loop's timeout list, which h2o walks while running callbacks).
+ */
 void ji_pg_pool_free(ji_pg_pool_t *pool);
 /**
  * A connection: an idle one when there is one, else a new one. `cb` always fires later from the loop, never

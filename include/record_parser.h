@@ -55,7 +55,11 @@ int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data
  */
 int ji_record_parser_end_line(ji_record_parser_t *p, uint64_t line, ji_error_t *err) JI_MUST_CHECK;
 
-/** Forgets the current line after a failure (a fresh yajl handle), so parsing can go on at the next line. */
+/**
+ * Forgets the current line after a failure (a fresh yajl handle), so parsing can go on at the next line. When the
+ * failure came from ji_record_parser_feed, the caller may skip the rest of that line itself or go on passing it:
+ * further feeds and the end_line of the same line number are then ignored (they return 0). -1 = out of memory.
+ */
 int ji_record_parser_reset(ji_record_parser_t *p) JI_MUST_CHECK;
 
 /**

@@ -1,2 +1,162 @@
-/* config.c — placeholder until the module lands. */
-#include "common.h"
+/* config.c — parses the command line and environment into ji_config_t. */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define JI_DEFAULT_LISTEN "127.0.0.1:8000"
+#define JI_DEFAULT_IMAGES_DIR "images"
+#define JI_MAX_THREADS 256
+
+void ji_config_usage(const char *argv0, void *out)
+{
+    fprintf((FILE *)out,
+            "usage: %s [options]        serve POST /users and friends\n"
+            "       %s gc [options]     remove image files left by interrupted requests\n"
+            "\n"
+            "options:\n"
+            "  --listen HOST:PORT        address to serve on (default " JI_DEFAULT_LISTEN ")\n"
+            "  --db CONNINFO             PostgreSQL conninfo or URL (default: $DATABASE_URL, else libpq's PG* variables)\n"
+            "  --images-dir DIR          where image files go (default ./" JI_DEFAULT_IMAGES_DIR ")\n"
+            "  --threads N               event-loop threads (default: number of CPUs)\n"
+            "  --max-record-bytes N      longest line one record may take (default %u)\n"
+            "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
+            "  --fsync on|off            make image files durable before COMMIT (default on)\n"
+            "  --token-file F            require 'Authorization: Bearer <token>' on POST, token read from F\n"
+            "  --help                    this text\n",
+            argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES);
+}
+
+static int parse_size(const char *flag, const char *s, size_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || v == 0 || s[0] == '-') {
+        fprintf(stderr, "%s: expected a positive number of bytes, got '%s'\n", flag, s);
+        return -1;
+    }
+    *out = (size_t)v;
+    return 0;
+}
+
+static int parse_listen(ji_config_t *cfg, const char *s)
+{
+    const char *colon = strrchr(s, ':');
+    char *end;
+    unsigned long port;
+
+    if (colon == NULL || colon == s || (size_t)(colon - s) >= sizeof(cfg->listen_host))
+        goto Bad;
+    errno = 0;
+    port = strtoul(colon + 1, &end, 10);
+    if (errno != 0 || *end != '\0' || end == colon + 1 || port > 65535)
+        goto Bad;
+    memcpy(cfg->listen_host, s, colon - s);
+    cfg->listen_host[colon - s] = '\0';
+    cfg->listen_port = (unsigned short)port;
+    return 0;
+Bad:
+    fprintf(stderr, "--listen: expected HOST:PORT, got '%s'\n", s);
+    return -1;
+}
+
+int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
+{
+    enum { OPT_LISTEN = 1, OPT_DB, OPT_IMAGES, OPT_THREADS, OPT_MAX_RECORD, OPT_MAX_ARRAY, OPT_FSYNC, OPT_TOKEN, OPT_HELP };
+    static const struct option options[] = {
+        {"listen", required_argument, NULL, OPT_LISTEN},
+        {"db", required_argument, NULL, OPT_DB},
+        {"images-dir", required_argument, NULL, OPT_IMAGES},
+        {"threads", required_argument, NULL, OPT_THREADS},
+        {"max-record-bytes", required_argument, NULL, OPT_MAX_RECORD},
+        {"max-array-bytes", required_argument, NULL, OPT_MAX_ARRAY},
+        {"fsync", required_argument, NULL, OPT_FSYNC},
+        {"token-file", required_argument, NULL, OPT_TOKEN},
+        {"help", no_argument, NULL, OPT_HELP},
+        {NULL, 0, NULL, 0},
+    };
+    const char *env_db = getenv("DATABASE_URL");
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int opt;
+
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->command = JI_CMD_SERVE;
+    if (parse_listen(cfg, JI_DEFAULT_LISTEN) != 0)
+        return -1;
+    cfg->db = env_db != NULL ? env_db : "";
+    cfg->images_dir = JI_DEFAULT_IMAGES_DIR;
+    cfg->threads = ncpu > 0 ? (unsigned)(ncpu < JI_MAX_THREADS ? ncpu : JI_MAX_THREADS) : 1;
+    cfg->max_record_bytes = JI_DEFAULT_MAX_RECORD_BYTES;
+    cfg->max_array_bytes = JI_DEFAULT_MAX_ARRAY_BYTES;
+    cfg->fsync = true;
+
+    if (argc > 1 && strcmp(argv[1], "gc") == 0) {
+        cfg->command = JI_CMD_GC;
+        argv++;
+        argc--;
+    }
+
+    optind = 1;
+    while ((opt = getopt_long(argc, argv, "h", options, NULL)) != -1) {
+        switch (opt) {
+        case OPT_LISTEN:
+            if (parse_listen(cfg, optarg) != 0)
+                return -1;
+            break;
+        case OPT_DB:
+            cfg->db = optarg;
+            break;
+        case OPT_IMAGES:
+            cfg->images_dir = optarg;
+            break;
+        case OPT_THREADS: {
+            size_t n;
+            if (parse_size("--threads", optarg, &n) != 0)
+                return -1;
+            if (n > JI_MAX_THREADS) {
+                fprintf(stderr, "--threads: at most %d\n", JI_MAX_THREADS);
+                return -1;
+            }
+            cfg->threads = (unsigned)n;
+            break;
+        }
+        case OPT_MAX_RECORD:
+            if (parse_size("--max-record-bytes", optarg, &cfg->max_record_bytes) != 0)
+                return -1;
+            break;
+        case OPT_MAX_ARRAY:
+            if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
+                return -1;
+            break;
+        case OPT_FSYNC:
+            if (strcmp(optarg, "on") == 0) {
+                cfg->fsync = true;
+            } else if (strcmp(optarg, "off") == 0) {
+                cfg->fsync = false;
+            } else {
+                fprintf(stderr, "--fsync: expected on or off, got '%s'\n", optarg);
+                return -1;
+            }
+            break;
+        case OPT_TOKEN:
+            cfg->token_file = optarg;
+            break;
+        case OPT_HELP:
+        case 'h':
+            cfg->command = JI_CMD_HELP;
+            return 0;
+        default:
+            return -1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "unexpected argument '%s' (see --help)\n", argv[optind]);
+        return -1;
+    }
+    return 0;
+}

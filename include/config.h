@@ -1,0 +1,31 @@
+/*
+ * config.h — the command line: flags of the service and of `gc`, parsed into
+ * one read-only struct shared by every thread.
+ */
+#ifndef JI_CONFIG_H
+#define JI_CONFIG_H
+
+#include "common.h"
+
+typedef enum { JI_CMD_SERVE, JI_CMD_GC, JI_CMD_HELP } ji_command_t;
+
+typedef struct st_ji_config_t {
+    ji_command_t command;
+    char listen_host[256];
+    unsigned short listen_port;
+    const char *db;           /**< conninfo: --db, else DATABASE_URL, else "" (libpq's PG* variables) */
+    const char *images_dir;
+    unsigned threads;
+    size_t max_record_bytes;
+    size_t max_array_bytes;
+    bool fsync;
+    const char *token_file;   /**< NULL: no authentication */
+} ji_config_t;
+
+/** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */
+int ji_config_parse(ji_config_t *cfg, int argc, char **argv) JI_MUST_CHECK;
+
+/** Prints --help to `out`. */
+void ji_config_usage(const char *argv0, void *out);
+
+#endif

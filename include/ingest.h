@@ -1,0 +1,68 @@
+/*
+ * ingest.h — one POST /users request from its first body byte to its answer:
+ * body bytes -> line splitter -> record parser -> image files + COPY rows ->
+ * COMMIT. It does not know where the bytes come from (a socket on the
+ * streaming path, a buffered body in an h2o handler): its owner feeds it and
+ * sends the answer. Memory is bounded per record.
+ *
+ * Flow control: ji_ingest_feed takes what it can; when it takes less than it
+ * was given, the owner stops feeding until the resume callback. Callbacks
+ * never fire from inside a ji_ingest_* call: they come from the event loop.
+ */
+#ifndef JI_INGEST_H
+#define JI_INGEST_H
+
+#include "common.h"
+#include "server.h"
+
+typedef struct st_ji_ingest_t ji_ingest_t;
+
+typedef struct st_ji_ingest_params_t {
+    bool skip_errors;    /**< ?on_error=skip */
+} ji_ingest_params_t;
+
+typedef struct st_ji_ingest_callbacks_t {
+    /** The ingest can take bytes again (it is ready to stream, or its backpressure cleared). */
+    void (*resume)(ji_ingest_t *in, void *owner);
+    /**
+     * The answer: HTTP `status`, a JSON `body` valid until ji_ingest_free, and for 503 a Retry-After value in
+     * seconds (0: none). The owner sends it, then frees the ingest.
+     */
+    void (*done)(ji_ingest_t *in, void *owner, int status, const char *body, size_t len, unsigned retry_after);
+} ji_ingest_callbacks_t;
+
+/** Starts an ingest (connects to the database, opens the transaction). NULL only when out of memory. */
+ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, const ji_ingest_callbacks_t *cb,
+                           void *owner);
+
+/** Offers body bytes; returns how many were taken (less than `len`: wait for resume, or done comes). */
+size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len);
+
+/**
+ * Record mode (the JSON-array path, whose owner parsed the body itself): one record, checked and stored like a
+ * JSON Lines record. `line` is the record's position (1-based); `image` NULL or empty means none. 0 = taken,
+ * 1 = taken but the database is backed up (wait for resume before the next), -1 = refused (not ready, or the
+ * request failed: done comes).
+ */
+int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_t name_len, const char *email,
+                         size_t email_len, const char *image, size_t image_len);
+
+/** Record mode: a record the owner found broken (wrong type, missing field); skipped or fatal like any other. */
+void ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err);
+
+/** Every body byte was fed: finish (COPY end, make files durable, COMMIT) and answer through done. */
+void ji_ingest_end(ji_ingest_t *in);
+
+/**
+ * Fails the request from outside (bad framing, client gone): `err` is answered through done unless
+ * the ingest already finished or is committing.
+ */
+void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
+
+/**
+ * Frees the ingest. Before the answer this aborts: the transaction is dropped and every image file of the
+ * request removed. Once COMMIT was sent it never removes files (gc settles an unknown outcome).
+ */
+void ji_ingest_free(ji_ingest_t *in);
+
+#endif

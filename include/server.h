@@ -1,0 +1,54 @@
+/*
+ * server.h — the process: h2o configuration and handlers shared by all
+ * threads, and one worker per thread (its own event loop, h2o context,
+ * listening socket with SO_REUSEPORT, database pool and timers). Nothing is
+ * shared between workers but read-only configuration.
+ */
+#ifndef JI_SERVER_H
+#define JI_SERVER_H
+
+#include <h2o.h>
+#include "common.h"
+#include "config.h"
+#include "image_store.h"
+#include "pg.h"
+
+/** Read-only state shared by every worker. */
+typedef struct st_ji_server_t {
+    const ji_config_t *config;
+    ji_image_store_t images;
+    h2o_globalconf_t h2o_config;
+} ji_server_t;
+
+/** Per-request counters of one worker (read by /metrics; written only by its own thread). */
+typedef struct st_ji_worker_stats_t {
+    uint64_t ingests_started, ingests_ok, ingests_failed, ingests_in_flight;
+    uint64_t records, images, body_bytes;
+} ji_worker_stats_t;
+
+typedef struct st_ji_worker_t {
+    ji_server_t *server;
+    h2o_context_t ctx;
+    h2o_accept_ctx_t accept_ctx;
+    h2o_socket_t *listener;
+    ji_pg_pool_t *pg_pool;
+    /** Timers of the streaming path (h2o_timeout lists, one per delay). */
+    h2o_timeout_t feed_flush_timeout; /**< feed a part-filled buffer after this long without more bytes */
+    h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
+    h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
+    ji_worker_stats_t stats;
+} ji_worker_t;
+
+/** The worker that owns an h2o context. */
+static inline ji_worker_t *ji_worker_of(h2o_context_t *ctx)
+{
+    return JI_CONTAINER_OF(ctx, ji_worker_t, ctx);
+}
+
+/** Runs the service until it fails to start (returns non-zero) or is stopped. */
+int ji_server_run(const ji_config_t *config);
+
+/** The `gc` command: removes image files of requests that never committed. */
+int ji_server_gc(const ji_config_t *config);
+
+#endif
