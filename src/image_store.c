@@ -1,2 +1,681 @@
-/* image_store.c — placeholder until the module lands. */
-#include "common.h"
+/*
+ * image_store.c — owns the images directory: base64 (or data: URL) text is
+ * decoded piece by piece straight into a new, uniquely named file, and each
+ * request's files are listed in an on-disk journal so that a failed or
+ * crashed request leaves nothing behind. Memory per request is one fixed
+ * decode buffer, whatever the number or size of its images.
+ *
+ * Files. A name is 128 bits from getrandom(2) as 32 lowercase hex, sharded
+ * by its first two and next two hex digits ("ab/cd/abcd....png"; shard
+ * directories are created when first needed and never removed). The type
+ * comes from the first decoded bytes, so the file is created only once
+ * JI_IMAGE_MAGIC_BYTES are decoded (or the text ended), with O_EXCL. A text
+ * found invalid midway, or a write failing, removes the partial file.
+ *
+ * Journal. ".pending/<key>.list" gets "relative/path\n", appended with one
+ * write(), BEFORE the file is created: a crash can leave a listed file that
+ * does not exist, never an unlisted one. commit unlinks the journal; abort
+ * reads it back (bounded buffer) and unlinks every listed file, then the
+ * journal; gc does the same for journals of dead requests. Missing files
+ * (ji_image_batch_remove, or a crash before the create) are fine. Lines
+ * that are not exactly one of our paths are ignored, so a damaged journal
+ * can never make us unlink anything else.
+ *
+ * Live or dead. A batch holds flock(LOCK_EX) on its journal from begin until
+ * its end, so gc (another thread, the `gc` subcommand, another host on a
+ * filesystem with working locks) skips journals of requests in flight. A
+ * journal gc grabbed between its creation and the batch's flock is seen by
+ * the batch (lock refused, or link count 0) and a new key is drawn. Where
+ * flock is not supported at all (ENOLCK...), the batch runs unlocked.
+ *
+ * Durability (--fsync on). Not one fsync per file: as each file is complete
+ * its writeback starts with sync_file_range(SYNC_FILE_RANGE_WRITE) and it is
+ * closed; ji_image_batch_sync then makes every file, directory entry and the
+ * journal durable with a single syncfs(2) of the filesystem, called on the
+ * batch's journal fd: syncfs reports writeback errors that happened since
+ * that fd was opened (Linux >= 5.8), i.e. during this request, whereas the
+ * shared directory fd would report each error to one caller only. The
+ * journal append is not fsynced before the file is created: we rely on the
+ * filesystem committing metadata in order (ext4 data=ordered, xfs), so after
+ * power loss an image file never survives without its journal line. With
+ * --fsync off, neither sync_file_range nor syncfs is called.
+ */
+#include "image_store.h"
+
+#include "base64.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/** Base64 input decoded per step (the decode buffer is about 3/4 of it). */
+#define JI_IMAGE_DECODE_CHUNK (64u * 1024)
+/** Decoded bytes gathered before the type is decided and the file created. */
+#define JI_IMAGE_MAGIC_BYTES 64u
+/** Read buffer when a journal is read back (abort, gc). */
+#define JI_IMAGE_JOURNAL_READ_BYTES 4096u
+/** New keys or names tried when one is taken (by gc, or by an astronomically unlikely collision). */
+#define JI_IMAGE_NAME_ATTEMPTS 3
+
+#define PENDING_DIR ".pending"
+#define JOURNAL_SUFFIX ".list"
+#define HEX_CHARS 32
+/** "ab/cd/" + 32 hex + "." + extension */
+#define PATH_PREFIX_LEN 6
+#define PATH_EXT_OFFSET (PATH_PREFIX_LEN + HEX_CHARS + 1)
+
+struct st_ji_image_batch_t {
+    ji_image_store_t *store;
+    int journal_fd;
+    bool journal_broken; /**< a failed append could not be undone: no more files */
+    uint64_t journal_size;
+    uint64_t count;
+    char key[HEX_CHARS + 1];
+    char journal[sizeof(PENDING_DIR "/" JOURNAL_SUFFIX) + HEX_CHARS];
+    unsigned char buf[JI_IMAGE_MAGIC_BYTES + JI_BASE64_DECODED_MAX(JI_IMAGE_DECODE_CHUNK)];
+};
+
+/* ---- image types ---- */
+
+typedef struct {
+    const char *ext;
+    const char *mime;
+} image_type_t;
+
+enum { T_PNG, T_JPG, T_GIF, T_WEBP, T_BMP, T_TIFF, T_ICO, T_AVIF, T_HEIC, T_BIN, T_COUNT };
+
+static const image_type_t image_types[T_COUNT] = {
+    [T_PNG] = {"png", "image/png"},    [T_JPG] = {"jpg", "image/jpeg"},
+    [T_GIF] = {"gif", "image/gif"},    [T_WEBP] = {"webp", "image/webp"},
+    [T_BMP] = {"bmp", "image/bmp"},    [T_TIFF] = {"tiff", "image/tiff"},
+    [T_ICO] = {"ico", "image/x-icon"}, [T_AVIF] = {"avif", "image/avif"},
+    [T_HEIC] = {"heic", "image/heic"}, [T_BIN] = {"bin", "application/octet-stream"},
+};
+
+static bool starts(const unsigned char *p, size_t n, const char *magic, size_t len)
+{
+    return n >= len && memcmp(p, magic, len) == 0;
+}
+
+static int heif_brand(const unsigned char *b)
+{
+    static const char avif[][5] = {"avif", "avis"};
+    static const char heic[][5] = {"heic", "heix", "heim", "heis", "hevc", "hevx"};
+
+    for (size_t i = 0; i < sizeof(avif) / sizeof(avif[0]); i++)
+        if (memcmp(b, avif[i], 4) == 0)
+            return T_AVIF;
+    for (size_t i = 0; i < sizeof(heic) / sizeof(heic[0]); i++)
+        if (memcmp(b, heic[i], 4) == 0)
+            return T_HEIC;
+    return -1;
+}
+
+/* An ISO-BMFF "ftyp" box: the major brand, then the compatible brands (HEIF files often say "mif1" first). */
+static int ftyp_type(const unsigned char *p, size_t n)
+{
+    size_t box, end;
+    int t;
+
+    if (n < 12 || memcmp(p + 4, "ftyp", 4) != 0)
+        return -1;
+    if ((t = heif_brand(p + 8)) >= 0)
+        return t;
+    box = (size_t)p[0] << 24 | (size_t)p[1] << 16 | (size_t)p[2] << 8 | p[3];
+    end = box < n ? box : n;
+    for (size_t off = 16; off + 4 <= end; off += 4)
+        if ((t = heif_brand(p + off)) >= 0)
+            return t;
+    return -1;
+}
+
+static const image_type_t *detect_type(const unsigned char *p, size_t n)
+{
+    int t;
+
+    if (starts(p, n, "\x89PNG\r\n\x1a\n", 8))
+        return &image_types[T_PNG];
+    if (starts(p, n, "\xff\xd8\xff", 3))
+        return &image_types[T_JPG];
+    if (starts(p, n, "GIF87a", 6) || starts(p, n, "GIF89a", 6))
+        return &image_types[T_GIF];
+    if (n >= 12 && memcmp(p, "RIFF", 4) == 0 && memcmp(p + 8, "WEBP", 4) == 0)
+        return &image_types[T_WEBP];
+    if (starts(p, n, "BM", 2))
+        return &image_types[T_BMP];
+    if (starts(p, n, "II*\0", 4) || starts(p, n, "MM\0*", 4))
+        return &image_types[T_TIFF];
+    if (n >= 6 && memcmp(p, "\0\0\1\0", 4) == 0 && (p[4] | p[5]) != 0)
+        return &image_types[T_ICO];
+    if ((t = ftyp_type(p, n)) >= 0)
+        return &image_types[t];
+    return &image_types[T_BIN];
+}
+
+/* ---- names and paths ---- */
+
+static int random_hex(char out[HEX_CHARS + 1])
+{
+    static const char digits[] = "0123456789abcdef";
+    unsigned char raw[HEX_CHARS / 2];
+    ssize_t n;
+
+    do
+        n = getrandom(raw, sizeof(raw), 0);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof(raw)) {
+        if (n >= 0)
+            errno = EIO;
+        return -1;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++) {
+        out[2 * i] = digits[raw[i] >> 4];
+        out[2 * i + 1] = digits[raw[i] & 15];
+    }
+    out[HEX_CHARS] = '\0';
+    return 0;
+}
+
+static bool is_hex(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    return true;
+}
+
+/* Exactly a path this module writes: "ab/cd/abcd<28 hex>.<known ext>". */
+static bool is_image_path(const char *s, size_t n)
+{
+    if (n <= PATH_EXT_OFFSET || s[2] != '/' || s[5] != '/' || s[PATH_EXT_OFFSET - 1] != '.')
+        return false;
+    if (!is_hex(s + PATH_PREFIX_LEN, HEX_CHARS) || memcmp(s, s + PATH_PREFIX_LEN, 2) != 0 ||
+        memcmp(s + 3, s + PATH_PREFIX_LEN + 2, 2) != 0)
+        return false;
+    for (size_t t = 0; t < T_COUNT; t++)
+        if (n - PATH_EXT_OFFSET == strlen(image_types[t].ext) &&
+            memcmp(s + PATH_EXT_OFFSET, image_types[t].ext, n - PATH_EXT_OFFSET) == 0)
+            return true;
+    return false;
+}
+
+/* "<32 hex>.list" */
+static bool is_journal_name(const char *name)
+{
+    return strlen(name) == HEX_CHARS + strlen(JOURNAL_SUFFIX) && is_hex(name, HEX_CHARS) &&
+           strcmp(name + HEX_CHARS, JOURNAL_SUFFIX) == 0;
+}
+
+/* ---- errors ---- */
+
+static int io_error(ji_error_t *err, uint64_t line, int e, const char *what)
+{
+    char buf[128];
+    const char *why = strerror_r(e, buf, sizeof(buf));
+
+    if (e == ENOSPC || e == EDQUOT)
+        return ji_error_set(err, JI_ERR_DISK_FULL, line, line != 0 ? "image" : NULL, "images disk full: %s: %s", what,
+                            why);
+    return ji_error_set(err, JI_ERR_INTERNAL, line, line != 0 ? "image" : NULL, "%s: %s", what, why);
+}
+
+/* 0, or an errno value. */
+static int write_all(int fd, const unsigned char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* ---- the store ---- */
+
+/* mkdir -p: the intermediate errors are left to the final mkdir and open to report. */
+static int make_dirs(const char *dir)
+{
+    char *copy = strdup(dir);
+    int rc;
+
+    if (copy == NULL)
+        return -1;
+    for (char *p = copy + 1; *p != '\0'; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        (void)mkdir(copy, 0755);
+        *p = '/';
+    }
+    rc = mkdir(copy, 0755) == 0 || errno == EEXIST ? 0 : -1;
+    free(copy);
+    return rc;
+}
+
+int ji_image_store_open(ji_image_store_t *s, const char *dir, bool fsync, ji_error_t *err)
+{
+    char what[300];
+
+    s->dir = NULL;
+    s->dir_fd = -1;
+    s->fsync = fsync;
+    snprintf(what, sizeof(what), "images directory %s", dir);
+    if (make_dirs(dir) != 0)
+        goto io_fail;
+    if ((s->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+        goto io_fail;
+    snprintf(what, sizeof(what), "images directory %s/" PENDING_DIR, dir);
+    if (mkdirat(s->dir_fd, PENDING_DIR, 0755) != 0 && errno != EEXIST)
+        goto io_fail;
+    if ((s->dir = strdup(dir)) == NULL)
+        goto io_fail;
+    return 0;
+
+io_fail:
+    io_error(err, 0, errno, what);
+    if (s->dir_fd >= 0)
+        close(s->dir_fd);
+    s->dir_fd = -1;
+    return -1;
+}
+
+void ji_image_store_close(ji_image_store_t *s)
+{
+    if (s->dir_fd >= 0)
+        close(s->dir_fd);
+    s->dir_fd = -1;
+    free(s->dir);
+    s->dir = NULL;
+}
+
+/* ---- batches ---- */
+
+ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
+{
+    ji_image_batch_t *b = malloc(sizeof(*b));
+    struct stat st;
+    int fd = -1;
+
+    if (b == NULL) {
+        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory for an image batch");
+        return NULL;
+    }
+    for (int attempt = 0; attempt < JI_IMAGE_NAME_ATTEMPTS; attempt++) {
+        if (random_hex(b->key) != 0) {
+            io_error(err, 0, errno, "getrandom");
+            goto fail;
+        }
+        snprintf(b->journal, sizeof(b->journal), PENDING_DIR "/%s" JOURNAL_SUFFIX, b->key);
+        fd = openat(s->dir_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            if (errno == EEXIST)
+                continue;
+            io_error(err, 0, errno, "cannot create the image journal");
+            goto fail;
+        }
+        int locked = flock(fd, LOCK_EX | LOCK_NB);
+        if (locked != 0 && errno != EWOULDBLOCK)
+            break; /* no locks on this filesystem: run unlocked */
+        if (locked == 0 && fstat(fd, &st) == 0 && st.st_nlink > 0)
+            break;
+        /* gc took this journal between our create and our lock; it will remove it. */
+        close(fd);
+        fd = -1;
+    }
+    if (fd < 0) {
+        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot create the image journal: no free key after %d attempts",
+                     JI_IMAGE_NAME_ATTEMPTS);
+        goto fail;
+    }
+    b->store = s;
+    b->journal_fd = fd;
+    b->journal_broken = false;
+    b->journal_size = 0;
+    b->count = 0;
+    return b;
+
+fail:
+    free(b);
+    return NULL;
+}
+
+const char *ji_image_batch_key(const ji_image_batch_t *b)
+{
+    return b->key;
+}
+
+uint64_t ji_image_batch_count(const ji_image_batch_t *b)
+{
+    return b->count;
+}
+
+/* Appends "path\n" with one write. On failure the journal is cut back to its previous size. 0 or errno. */
+static int journal_append(ji_image_batch_t *b, const char *path)
+{
+    char entry[sizeof(((ji_image_info_t *)0)->path) + 1];
+    size_t n = (size_t)snprintf(entry, sizeof(entry), "%s\n", path);
+    ssize_t w;
+    int e;
+
+    do
+        w = write(b->journal_fd, entry, n);
+    while (w < 0 && errno == EINTR);
+    if (w == (ssize_t)n) {
+        b->journal_size += n;
+        return 0;
+    }
+    e = w < 0 ? errno : ENOSPC; /* a short append is the disk filling up */
+    if (w > 0 && ftruncate(b->journal_fd, (off_t)b->journal_size) != 0)
+        b->journal_broken = true; /* a torn line would swallow the next one */
+    return e;
+}
+
+/* Takes the last entry back (the name was taken by someone else: that file is not ours to remove). */
+static int journal_undo(ji_image_batch_t *b, const char *path)
+{
+    uint64_t size = b->journal_size - strlen(path) - 1;
+
+    if (ftruncate(b->journal_fd, (off_t)size) != 0) {
+        b->journal_broken = true;
+        return -1;
+    }
+    b->journal_size = size;
+    return 0;
+}
+
+/* Creates the shard directories of `path` ("ab/cd/..."); an existing one is fine. 0 or errno. */
+static int make_shard(int dir_fd, const char *path)
+{
+    char shard[PATH_PREFIX_LEN];
+
+    memcpy(shard, path, 2);
+    shard[2] = '\0';
+    if (mkdirat(dir_fd, shard, 0755) != 0 && errno != EEXIST)
+        return errno;
+    memcpy(shard, path, 5);
+    shard[5] = '\0';
+    if (mkdirat(dir_fd, shard, 0755) != 0 && errno != EEXIST)
+        return errno;
+    return 0;
+}
+
+/* Names, journals and creates a new file of `type`. The fd, or -1 with `err` filled. */
+static int create_file(ji_image_batch_t *b, uint64_t line, const image_type_t *type, ji_image_info_t *info,
+                       ji_error_t *err)
+{
+    int dir_fd = b->store->dir_fd, e;
+
+    if (b->journal_broken)
+        return ji_error_set(err, JI_ERR_INTERNAL, line, "image",
+                            "image journal is damaged: no more images in this request");
+    for (int attempt = 0; attempt < JI_IMAGE_NAME_ATTEMPTS; attempt++) {
+        char hex[HEX_CHARS + 1];
+        int fd;
+
+        if (random_hex(hex) != 0)
+            return io_error(err, line, errno, "getrandom");
+        snprintf(info->path, sizeof(info->path), "%.2s/%.2s/%s.%s", hex, hex + 2, hex, type->ext);
+        if ((e = journal_append(b, info->path)) != 0)
+            return io_error(err, line, e, "cannot write the image journal");
+        fd = openat(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd < 0 && errno == ENOENT) {
+            if ((e = make_shard(dir_fd, info->path)) != 0)
+                return io_error(err, line, e, "cannot create an image directory");
+            fd = openat(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+        }
+        if (fd >= 0)
+            return fd;
+        if (errno != EEXIST)
+            return io_error(err, line, errno, "cannot create an image file");
+        if (journal_undo(b, info->path) != 0)
+            return io_error(err, line, errno, "cannot write the image journal");
+    }
+    return ji_error_set(err, JI_ERR_INTERNAL, line, "image", "no free image name after %d attempts",
+                        JI_IMAGE_NAME_ATTEMPTS);
+}
+
+/* `data:<mime>[;params];base64,<payload>` -> the payload. 0, or -1 when it is a data: URL but not a base64 one. */
+static int strip_data_url(const char **text, size_t *len)
+{
+    static const char tag[] = ";base64";
+    const size_t tag_len = sizeof(tag) - 1;
+    const char *comma;
+    size_t head;
+
+    if (*len < 5 || strncasecmp(*text, "data:", 5) != 0)
+        return 0;
+    if ((comma = memchr(*text, ',', *len)) == NULL)
+        return -1;
+    head = (size_t)(comma - *text);
+    if (head < 5 + tag_len || strncasecmp(comma - tag_len, tag, tag_len) != 0)
+        return -1;
+    *text = comma + 1;
+    *len -= head + 1;
+    return 0;
+}
+
+int ji_image_batch_write(ji_image_batch_t *b, uint64_t line, const char *text, size_t len, ji_image_info_t *out,
+                         ji_error_t *err)
+{
+    const int dir_fd = b->store->dir_fd;
+    ji_image_info_t info = {.size = 0};
+    ji_base64_t dec;
+    size_t pos = 0, have = 0;
+    int fd = -1, e;
+
+    if (strip_data_url(&text, &len) != 0)
+        return ji_error_set(err, JI_ERR_INVALID, line, "image",
+                            "data URL is not base64 (expected data:<type>;base64,...)");
+    ji_base64_init(&dec);
+    /* Decode JI_IMAGE_DECODE_CHUNK of text at a time; the first JI_IMAGE_MAGIC_BYTES decoded decide the type. */
+    while (pos < len || (fd < 0 && have > 0)) {
+        if (pos < len) {
+            size_t n = len - pos < JI_IMAGE_DECODE_CHUNK ? len - pos : JI_IMAGE_DECODE_CHUNK;
+            long got = ji_base64_decode(&dec, text + pos, n, b->buf + have);
+            if (got < 0)
+                goto invalid;
+            pos += n;
+            have += (size_t)got;
+        }
+        if (fd < 0) {
+            if (have == 0 || (have < JI_IMAGE_MAGIC_BYTES && pos < len))
+                continue;
+            if (pos == len && ji_base64_finish(&dec) != 0)
+                goto invalid; /* e.g. a lone last character: do not create a file for nothing */
+            const image_type_t *type = detect_type(b->buf, have);
+            info.mime = type->mime;
+            if ((fd = create_file(b, line, type, &info, err)) < 0)
+                return -1;
+        }
+        if ((e = write_all(fd, b->buf, have)) != 0) {
+            io_error(err, line, e, "cannot write an image file");
+            goto remove;
+        }
+        info.size += have;
+        have = 0;
+    }
+    if (ji_base64_finish(&dec) != 0)
+        goto invalid;
+    if (fd < 0)
+        return 1; /* nothing but whitespace */
+    if (b->store->fsync && sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) != 0 &&
+        (errno == EIO || errno == ENOSPC || errno == EDQUOT)) {
+        io_error(err, line, errno, "cannot write an image file");
+        goto remove;
+    }
+    e = close(fd);
+    fd = -1;
+    if (e != 0 && errno != EINTR) {
+        io_error(err, line, errno, "cannot write an image file");
+        goto remove;
+    }
+    b->count++;
+    *out = info;
+    return 0;
+
+invalid:
+    ji_error_set(err, JI_ERR_INVALID, line, "image", "image is not valid base64: %s", dec.error);
+remove:
+    if (fd >= 0) {
+        close(fd);
+        (void)unlinkat(dir_fd, info.path, 0);
+    } else if (info.path[0] != '\0') {
+        (void)unlinkat(dir_fd, info.path, 0); /* closed already (close failed) */
+    }
+    return -1;
+}
+
+void ji_image_batch_remove(ji_image_batch_t *b, const ji_image_info_t *info)
+{
+    if (unlinkat(b->store->dir_fd, info->path, 0) == 0 || errno == ENOENT) {
+        if (b->count > 0)
+            b->count--;
+    }
+}
+
+int ji_image_batch_sync(ji_image_batch_t *b, ji_error_t *err)
+{
+    if (!b->store->fsync)
+        return 0;
+    /* The journal lives on the images filesystem; its fd's error cursor dates from this batch's begin. */
+    if (syncfs(b->journal_fd) != 0)
+        return io_error(err, 0, errno, "cannot make the images durable (syncfs)");
+    return 0;
+}
+
+/* Unlinks every path listed in the journal `fd`, reading it in a bounded buffer. Missing files are fine.
+ * 0, or -1 when the journal could not be read or a file could not be removed (then keep the journal). */
+static int remove_listed(int dir_fd, int fd, uint64_t *removed)
+{
+    char buf[JI_IMAGE_JOURNAL_READ_BYTES];
+    size_t have = 0;
+    off_t off = 0;
+    bool skipping = false; /* inside a line longer than the buffer: not ours */
+    int rc = 0;
+
+    for (;;) {
+        ssize_t n = pread(fd, buf + have, sizeof(buf) - have, off);
+        char *p = buf, *end, *nl;
+
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            break; /* a last line without '\n' is a torn append: its file was never created */
+        off += n;
+        end = buf + have + n;
+        while ((nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+            if (!skipping && is_image_path(p, (size_t)(nl - p))) {
+                *nl = '\0';
+                if (unlinkat(dir_fd, p, 0) == 0) {
+                    if (removed != NULL)
+                        (*removed)++;
+                } else if (errno != ENOENT) {
+                    rc = -1;
+                }
+            }
+            skipping = false;
+            p = nl + 1;
+        }
+        have = (size_t)(end - p);
+        if (have == sizeof(buf)) {
+            skipping = true;
+            have = 0;
+        } else {
+            memmove(buf, p, have);
+        }
+    }
+    return rc;
+}
+
+void ji_image_batch_commit(ji_image_batch_t *b)
+{
+    (void)unlinkat(b->store->dir_fd, b->journal, 0);
+    close(b->journal_fd); /* releases the lock after the unlink: gc never sees a committed journal as dead */
+    free(b);
+}
+
+void ji_image_batch_forget(ji_image_batch_t *b)
+{
+    /* Files and journal stay; closing the journal drops the lock, so gc may now judge the batch. */
+    close(b->journal_fd);
+    free(b);
+}
+
+void ji_image_batch_abort(ji_image_batch_t *b)
+{
+    /* If a file could not be removed, the journal stays for gc (which will find it unlocked and uncommitted). */
+    if (remove_listed(b->store->dir_fd, b->journal_fd, NULL) == 0)
+        (void)unlinkat(b->store->dir_fd, b->journal, 0);
+    close(b->journal_fd);
+    free(b);
+}
+
+int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx, uint64_t *removed,
+                      ji_error_t *err)
+{
+    uint64_t count = 0;
+    int pending_fd, rc = 0;
+    struct dirent *de;
+    DIR *dir;
+
+    if ((pending_fd = openat(s->dir_fd, PENDING_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+        return io_error(err, 0, errno, "cannot open the image journals (" PENDING_DIR ")");
+    if ((dir = fdopendir(pending_fd)) == NULL) {
+        io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
+        close(pending_fd);
+        return -1;
+    }
+    for (errno = 0; (de = readdir(dir)) != NULL; errno = 0) {
+        char key[HEX_CHARS + 1];
+        struct stat st;
+        int fd, verdict;
+
+        if (!is_journal_name(de->d_name))
+            continue; /* not ours: leave it alone */
+        if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW)) < 0) {
+            if (errno != ENOENT && rc == 0)
+                rc = io_error(err, 0, errno, "cannot open an image journal");
+            continue;
+        }
+        /* Locked: a request in flight. Link count 0: it just ended (commit or abort) or another gc took it. */
+        if ((flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) || fstat(fd, &st) != 0 || st.st_nlink == 0) {
+            close(fd);
+            continue;
+        }
+        memcpy(key, de->d_name, HEX_CHARS);
+        key[HEX_CHARS] = '\0';
+        verdict = committed(ctx, key);
+        if (verdict == 0 && remove_listed(s->dir_fd, fd, &count) != 0) {
+            if (rc == 0)
+                rc = ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot remove the files of image journal %s", key);
+            verdict = -1;
+        }
+        if ((verdict == 0 || verdict == 1) && unlinkat(pending_fd, de->d_name, 0) != 0 && errno != ENOENT && rc == 0)
+            rc = io_error(err, 0, errno, "cannot remove an image journal");
+        close(fd);
+    }
+    if (errno != 0 && rc == 0)
+        rc = io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
+    closedir(dir);
+    if (removed != NULL)
+        *removed = count;
+    return rc;
+}
