@@ -18,6 +18,12 @@
 #include "picohttp.h"
 #include "response.h"
 
+/**
+ * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
+ * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
+ */
+#define JI_SOCKET_RCVBUF_BYTES (256 * 1024)
+
 /** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
 #define JI_MAX_SNIFF_BYTES (64u * 1024)
 
@@ -665,7 +671,9 @@ static void on_read_head(h2o_socket_t *sock, const char *err)
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
 {
     ji_conn_t *c = calloc(1, sizeof(*c));
+    int rcvbuf = JI_SOCKET_RCVBUF_BYTES;
 
+    setsockopt(h2o_socket_get_fd(sock), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
     if (c == NULL) {
         h2o_socket_close(sock);
         return;

@@ -26,7 +26,7 @@
 /** Room kept behind JI_COPY_BUFFER_BYTES so that one more row always fits. */
 #define JI_COPY_BUFFER_SLACK (16u * 1024)
 /** Message kept per reported error in skip mode. */
-#define JI_REPORTED_ERROR_CHARS 320
+#define JI_REPORTED_ERROR_CHARS sizeof(((ji_error_t *)0)->message)
 
 typedef enum {
     ST_CONNECTING,
@@ -43,6 +43,7 @@ typedef enum {
 
 typedef struct {
     uint64_t line;
+    char field[32];
     char message[JI_REPORTED_ERROR_CHARS];
 } reported_error_t;
 
@@ -198,11 +199,8 @@ static void remember_error(ji_ingest_t *in, const ji_error_t *err)
     if (in->reported == NULL && (in->reported = calloc(JI_MAX_REPORTED_ERRORS, sizeof(*in->reported))) == NULL)
         return;
     in->reported[in->nreported].line = err->line;
-    if (err->field[0] != '\0')
-        snprintf(in->reported[in->nreported].message, JI_REPORTED_ERROR_CHARS, "%s (field %s)", err->message,
-                 err->field);
-    else
-        snprintf(in->reported[in->nreported].message, JI_REPORTED_ERROR_CHARS, "%s", err->message);
+    memcpy(in->reported[in->nreported].field, err->field, sizeof(err->field));
+    memcpy(in->reported[in->nreported].message, err->message, sizeof(err->message));
     in->nreported++;
 }
 
@@ -394,6 +392,10 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         for (size_t i = 0; i < in->nreported; i++) {
             ji_text_printf(t, "%s{\"line\":%" PRIu64 ",\"error\":", i ? "," : "", in->reported[i].line);
             ji_text_json_string(t, in->reported[i].message, strlen(in->reported[i].message));
+            if (in->reported[i].field[0] != '\0') {
+                ji_text_append(t, ",\"field\":", 9);
+                ji_text_json_string(t, in->reported[i].field, strlen(in->reported[i].field));
+            }
             ji_text_append(t, "}", 1);
         }
         ji_text_append(t, "]", 1);
