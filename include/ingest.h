@@ -19,6 +19,7 @@ typedef struct st_ji_ingest_t ji_ingest_t;
 
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip */
+    uint64_t body_bytes; /**< record mode: the size of the body the records came from (reported as "bytes") */
 } ji_ingest_params_t;
 
 typedef struct st_ji_ingest_callbacks_t {
@@ -47,8 +48,11 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len);
 int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_t name_len, const char *email,
                          size_t email_len, const char *image, size_t image_len);
 
-/** Record mode: a record the owner found broken (wrong type, missing field); skipped or fatal like any other. */
-void ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err);
+/**
+ * Record mode: a record the owner found broken (wrong type, missing field); skipped or fatal like any other.
+ * 0 = skipped (go on), -1 = the request failed (done comes).
+ */
+int ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err);
 
 /** Every body byte was fed: finish (COPY end, make files durable, COMMIT) and answer through done. */
 void ji_ingest_end(ji_ingest_t *in);

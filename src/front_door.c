@@ -16,6 +16,7 @@
 #include "h2o/http1.h"
 #include "ingest.h"
 #include "picohttp.h"
+#include "request_options.h"
 #include "response.h"
 
 /**
@@ -35,8 +36,6 @@ typedef enum {
     CONN_RESPONDING, /**< writing the answer */
     CONN_LINGERING,  /**< answer sent, draining what the client still sends before closing */
 } conn_state_t;
-
-typedef enum { FORMAT_UNDECIDED, FORMAT_JSONL, FORMAT_ARRAY } body_format_t;
 
 typedef struct st_ji_conn_t {
     ji_worker_t *worker;
@@ -446,47 +445,9 @@ static bool value_has_token(const struct phr_header *h, const char *token)
     return false;
 }
 
-/** The value of `key` in a query string, or NULL. */
-static const char *query_param(const char *query, size_t qlen, const char *key, size_t *vlen)
-{
-    size_t klen = strlen(key);
-    const char *p = query, *end = query + qlen;
-
-    while (p < end) {
-        const char *amp = memchr(p, '&', end - p), *stop = amp ? amp : end;
-        if ((size_t)(stop - p) > klen && memcmp(p, key, klen) == 0 && p[klen] == '=') {
-            *vlen = stop - p - klen - 1;
-            return p + klen + 1;
-        }
-        if ((size_t)(stop - p) == klen && memcmp(p, key, klen) == 0) {
-            *vlen = 0;
-            return stop;
-        }
-        p = stop + 1;
-    }
-    return NULL;
-}
-
 static bool span_is(const char *s, size_t len, const char *lit)
 {
     return len == strlen(lit) && memcmp(s, lit, len) == 0;
-}
-
-static bool content_type_is_jsonl(const struct phr_header *h)
-{
-    static const char *const types[] = {"application/x-ndjson", "application/jsonl", "application/jsonlines",
-                                        "application/x-jsonlines"};
-    size_t len = h->value_len;
-    const char *semi = memchr(h->value, ';', h->value_len);
-
-    if (semi != NULL)
-        len = semi - h->value;
-    while (len > 0 && (h->value[len - 1] == ' ' || h->value[len - 1] == '\t'))
-        len--;
-    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
-        if (len == strlen(types[i]) && strncasecmp(h->value, types[i], len) == 0)
-            return true;
-    return false;
 }
 
 /** Looks at the first non-space body byte. 1 = '[' (array), 0 = anything else or an empty body, -2 = not yet. */
@@ -495,6 +456,7 @@ static int sniff_array(ji_conn_t *c)
     const char *body = c->sock->input->bytes + c->head_len;
     size_t have = c->sock->input->size - c->head_len, len;
     char copy[4096];
+    int found;
 
     if (c->chunked) {
         /* decode a copy of the first framed bytes; the real decoding happens later, in place */
@@ -506,15 +468,13 @@ static int sniff_array(ji_conn_t *c)
         r = phr_decode_chunked(&dec, copy, &len);
         if (r == -1)
             return 0; /* the streaming path reports the framing error */
-        for (size_t i = 0; i < len; i++)
-            if (!strchr(" \t\r\n", copy[i]))
-                return copy[i] == '[';
+        if ((found = ji_request_body_is_array(copy, len)) >= 0)
+            return found;
         return r >= 0 || have >= JI_MAX_SNIFF_BYTES ? 0 : -2;
     }
     len = have < c->content_length ? have : (size_t)c->content_length;
-    for (size_t i = 0; i < len; i++)
-        if (!strchr(" \t\r\n", body[i]))
-            return body[i] == '[';
+    if ((found = ji_request_body_is_array(body, len)) >= 0)
+        return found;
     return len == c->content_length || len >= JI_MAX_SNIFF_BYTES ? 0 : -2;
 }
 
@@ -541,8 +501,10 @@ static void process_head(ji_conn_t *c)
     struct phr_header headers[JI_MAX_HEADERS];
     int minor, r;
     const char *query = NULL, *v;
-    size_t path_only, qlen = 0, vlen;
-    body_format_t format = FORMAT_UNDECIDED;
+    size_t path_only, qlen = 0;
+    ji_format_t format;
+    ji_request_options_t options;
+    ji_error_t err;
     bool has_length = false, connection_close = false, connection_keep_alive = false;
 
     if (c->state == CONN_SNIFF) {
@@ -575,25 +537,12 @@ static void process_head(ji_conn_t *c)
     }
 
     /* format and mode from the query */
-    if (query != NULL && (v = query_param(query, qlen, "format", &vlen)) != NULL) {
-        if (span_is(v, vlen, "array")) {
-            hand_to_h2o(c);
-            return;
-        }
-        if (!span_is(v, vlen, "jsonl") && !span_is(v, vlen, "ndjson")) {
-            respond_error(c, JI_ERR_UNSUPPORTED, 0, "unknown format: use format=jsonl or format=array");
-            return;
-        }
-        format = FORMAT_JSONL;
+    if (ji_request_options_parse_query(&options, query != NULL ? query : "", qlen, &err) != 0) {
+        respond_error(c, err.kind, 0, err.message);
+        return;
     }
-    if (query != NULL && (v = query_param(query, qlen, "on_error", &vlen)) != NULL) {
-        if (span_is(v, vlen, "skip")) {
-            c->params.skip_errors = true;
-        } else if (!span_is(v, vlen, "fail") && !span_is(v, vlen, "abort")) {
-            respond_error(c, JI_ERR_MALFORMED, 0, "unknown on_error: use on_error=skip or on_error=fail");
-            return;
-        }
-    }
+    c->params.skip_errors = options.skip_errors;
+    format = options.format;
 
     for (size_t i = 0; i != num_headers; i++) {
         const struct phr_header *h = &headers[i];
@@ -624,8 +573,8 @@ static void process_head(ji_conn_t *c)
                 return;
             }
         } else if (header_is(h, "content-type")) {
-            if (format == FORMAT_UNDECIDED && content_type_is_jsonl(h))
-                format = FORMAT_JSONL;
+            if (format == JI_FORMAT_UNDECIDED && ji_request_content_type_is_jsonl(h->value, h->value_len))
+                format = JI_FORMAT_JSONL;
         } else if (header_is(h, "expect")) {
             if (!value_is(h, "100-continue")) {
                 respond_error(c, JI_ERR_MALFORMED, 417, "unknown expectation");
@@ -647,10 +596,17 @@ static void process_head(ji_conn_t *c)
     }
     c->keep_alive = minor >= 1 ? !connection_close : connection_keep_alive;
 
-    if (format == FORMAT_UNDECIDED)
+    if (format == JI_FORMAT_ARRAY) {
+        /* the JSON-array mode is an h2o handler; refuse an announced oversize body before h2o buffers it */
+        if (has_length && c->content_length > c->worker->server->config->max_array_bytes)
+            respond_error(c, JI_ERR_TOO_LARGE, 0, "body is larger than --max-array-bytes");
+        else
+            hand_to_h2o(c);
+    } else if (format == JI_FORMAT_UNDECIDED) {
         decide_format(c);
-    else
+    } else {
         start_stream(c);
+    }
     return;
 
 BadLength:

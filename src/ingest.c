@@ -544,6 +544,7 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
     in->cb = cb;
     in->owner = owner;
     in->state = ST_CONNECTING;
+    in->bytes = params->body_bytes;
     in->defer.cb = on_defer;
     in->refused = true; /* the owner waits for the first resume */
     strcpy(in->first_id, "null");
@@ -624,12 +625,15 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
     return r;
 }
 
-void ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err)
+int ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err)
 {
+    int r;
+
     in->record_mode = true;
     in->lines_ended = true;
-    record_error(in, err, err->line);
+    r = record_error(in, err, err->line);
     in->line_failed = false;
+    return r;
 }
 
 /** Ends the lines, sends the last rows and ends the COPY; re-entered after each drain. */

@@ -17,8 +17,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "array_mode.h"
 #include "front_door.h"
 #include "ingest.h"
+#include "request_options.h"
 #include "response.h"
 #include "schema.h"
 
@@ -128,28 +130,44 @@ static void buffered_dispose(void *p)
 static int on_users(h2o_handler_t *self, h2o_req_t *req)
 {
     ji_worker_t *w = ji_worker_of(req->conn->ctx);
+    ji_request_options_t options;
     ji_ingest_params_t params = {0};
     buffered_ingest_t *b;
-    const char *query;
+    ji_error_t err;
+    ssize_t ct;
 
     (void)self;
     if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("POST")))
         return -1;
-    query = req->query_at != SIZE_MAX ? req->path.base + req->query_at : "";
-    if (strstr(query, "format=array") != NULL ||
-        (req->entity.len > 0 && req->entity.base[strspn(req->entity.base, " \t\r\n")] == '[')) {
-        send_error(req, 501, "Not Implemented", "the JSON-array mode is not available yet");
-        return 0;
+    if (req->query_at != SIZE_MAX) {
+        const char *q = req->path.base + req->query_at + 1;
+        if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
+            send_error(req, ji_error_http_status(err.kind), "Error", err.message);
+            return 0;
+        }
+    } else {
+        memset(&options, 0, sizeof(options));
     }
-    if (strstr(query, "on_error=skip") != NULL)
-        params.skip_errors = true;
+    params.skip_errors = options.skip_errors;
+    if (options.format == JI_FORMAT_UNDECIDED) {
+        ct = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_TYPE, -1);
+        if (ct != -1 && ji_request_content_type_is_jsonl(req->headers.entries[ct].value.base,
+                                                         req->headers.entries[ct].value.len))
+            options.format = JI_FORMAT_JSONL;
+        else if (ji_request_body_is_array(req->entity.base, req->entity.len) == 1)
+            options.format = JI_FORMAT_ARRAY;
+    }
+    if (options.format == JI_FORMAT_ARRAY) {
+        params.body_bytes = req->entity.len;
+        return ji_array_mode_handle(w, req, &params);
+    }
+
+    /* JSON Lines on a connection h2o owns: the body is already buffered, feed it to the same ingest */
     b = h2o_mem_alloc_shared(&req->pool, sizeof(*b), buffered_dispose);
     memset(b, 0, sizeof(*b));
     b->req = req;
-    if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL) {
+    if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
         send_error(req, 500, "Internal Server Error", "out of memory");
-        return 0;
-    }
     return 0;
 }
 

@@ -25,6 +25,11 @@ static inline bool is_cont(unsigned char c)
 
 bool ji_utf8_valid(const char *s, size_t len)
 {
+    return ji_utf8_invalid_at(s, len) == SIZE_MAX;
+}
+
+size_t ji_utf8_invalid_at(const char *s, size_t len)
+{
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
 
@@ -42,11 +47,11 @@ bool ji_utf8_valid(const char *s, size_t len)
         size_t left = len - i;
         if (c >= 0xC2 && c <= 0xDF) { /* U+0080..U+07FF; C0 and C1 would be overlong */
             if (left < 2 || !is_cont(p[i + 1]))
-                return false;
+                return i;
             i += 2;
         } else if (c >= 0xE0 && c <= 0xEF) { /* U+0800..U+FFFF */
             if (left < 3)
-                return false;
+                return i;
             unsigned char c1 = p[i + 1];
             unsigned char lo = 0x80, hi = 0xBF;
             if (c == 0xE0)
@@ -54,11 +59,11 @@ bool ji_utf8_valid(const char *s, size_t len)
             else if (c == 0xED)
                 hi = 0x9F; /* above: surrogates U+D800..U+DFFF */
             if (c1 < lo || c1 > hi || !is_cont(p[i + 2]))
-                return false;
+                return i;
             i += 3;
         } else if (c >= 0xF0 && c <= 0xF4) { /* U+10000..U+10FFFF */
             if (left < 4)
-                return false;
+                return i;
             unsigned char c1 = p[i + 1];
             unsigned char lo = 0x80, hi = 0xBF;
             if (c == 0xF0)
@@ -66,14 +71,14 @@ bool ji_utf8_valid(const char *s, size_t len)
             else if (c == 0xF4)
                 hi = 0x8F; /* above: past U+10FFFF */
             if (c1 < lo || c1 > hi || !is_cont(p[i + 2]) || !is_cont(p[i + 3]))
-                return false;
+                return i;
             i += 4;
         } else {
             /* a stray continuation byte, C0/C1 (always overlong), or F5..FF (past U+10FFFF) */
-            return false;
+            return i;
         }
     }
-    return true;
+    return SIZE_MAX;
 }
 
 size_t ji_utf8_chars(const char *s, size_t len)

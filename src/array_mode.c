@@ -1,0 +1,284 @@
+/*
+ * array_mode.c — the JSON-array mode as an ordinary h2o handler: copies the
+ * buffered body, checks it whole (strict UTF-8, the `\u` escapes yajl would
+ * mangle), lets yajl_tree_parse build the tree, then walks the elements into
+ * an ingest in record mode, pausing the walk when the database is backed up.
+ * In this mode "line" in answers is the element's position in the array
+ * (1-based).
+ */
+#include "array_mode.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yajl/yajl_tree.h>
+
+#include "escape_scan.h"
+#include "response.h"
+#include "utf8.h"
+
+typedef struct st_array_req_t {
+    h2o_req_t *req;
+    ji_ingest_t *ingest;
+    char *text;  /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
+    yajl_val root;
+    size_t next; /**< index of the next element to store */
+} array_req_t;
+
+static void array_dispose(void *p)
+{
+    array_req_t *a = p;
+
+    if (a->ingest != NULL)
+        ji_ingest_free(a->ingest); /* the client went away: abort */
+    if (a->root != NULL)
+        yajl_tree_free(a->root);
+    free(a->text);
+}
+
+static void send_answer(h2o_req_t *req, int status, const char *body, size_t len, unsigned retry_after)
+{
+    req->res.status = status;
+    req->res.reason = status == 200 ? "OK" : "Error";
+    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, H2O_STRLIT("application/json"));
+    if (retry_after != 0) {
+        char *v = h2o_mem_alloc_pool(&req->pool, 16);
+        int n = snprintf(v, 16, "%u", retry_after);
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_RETRY_AFTER, NULL, v, (size_t)n);
+    }
+    h2o_send_inline(req, body, len);
+}
+
+static void send_error(h2o_req_t *req, const ji_error_t *err)
+{
+    ji_text_t t = {0};
+
+    ji_response_error_json(&t, err);
+    send_answer(req, ji_error_http_status(err->kind), t.base != NULL ? t.base : "{}\n", t.base != NULL ? t.len : 3,
+                0);
+    ji_text_free(&t);
+}
+
+/**
+ * Where a byte offset lies: the 1-based position of the top-level element, and the member name it is in or
+ * after (at the element's own level). A small tokenizer: strings, escapes, nesting; no validation.
+ */
+static void locate(const char *s, size_t upto, uint64_t *element, char *member, size_t member_cap)
+{
+    int depth = 0;
+    bool in_string = false, escaped = false, key_next = false, in_key = false, seen_value = false;
+    size_t key_len = 0;
+
+    *element = 0;
+    member[0] = '\0';
+    for (size_t i = 0; i < upto; i++) {
+        char c = s[i];
+        if (in_string) {
+            if (escaped)
+                escaped = false;
+            else if (c == '\\')
+                escaped = true;
+            else if (c == '"')
+                in_string = in_key = false;
+            if (in_string && in_key && key_len + 1 < member_cap) {
+                member[key_len++] = c;
+                member[key_len] = '\0';
+            }
+            continue;
+        }
+        switch (c) {
+        case '"':
+            in_string = true;
+            if (depth == 2 && key_next) {
+                in_key = true;
+                key_next = false;
+                key_len = 0;
+                member[0] = '\0';
+            }
+            break;
+        case '{':
+        case '[':
+            depth++;
+            if (depth == 2) {
+                key_next = c == '{';
+                member[0] = '\0';
+            }
+            break;
+        case '}':
+        case ']':
+            depth--;
+            break;
+        case ',':
+            if (depth == 1)
+                seen_value = false;
+            if (depth == 2)
+                key_next = true;
+            break;
+        default:
+            break;
+        }
+        if (depth >= 1 && !seen_value && c != ' ' && c != '\t' && c != '\r' && c != '\n' && c != ',' &&
+            !(depth == 1 && c == '[')) {
+            seen_value = true;
+            (*element)++;
+        }
+    }
+}
+
+/** Checks what yajl's tree would hide: invalid UTF-8 (400) and `\u0000` or unpaired surrogates (422). */
+static int check_text(const char *text, size_t len, ji_error_t *err)
+{
+    size_t bad = ji_utf8_invalid_at(text, len);
+    ji_escape_scan_t scan;
+    uint64_t element;
+    char member[32];
+
+    if (bad != SIZE_MAX) {
+        locate(text, bad, &element, member, sizeof(member));
+        return ji_error_set(err, JI_ERR_MALFORMED, element, NULL, "invalid UTF-8");
+    }
+    ji_escape_scan_reset(&scan);
+    ji_escape_scan_feed(&scan, text, len);
+    ji_escape_scan_finish(&scan);
+    if (scan.bad_at != SIZE_MAX) {
+        locate(text, scan.bad_at, &element, member, sizeof(member));
+        if (strcmp(member, "user") == 0 || strcmp(member, "username") == 0)
+            strcpy(member, "name");
+        return ji_error_set(err, JI_ERR_INVALID, element, member, "%s in a string is not allowed", scan.why);
+    }
+    return 0;
+}
+
+static bool is_name_key(const char *k)
+{
+    return strcmp(k, "name") == 0 || strcmp(k, "user") == 0 || strcmp(k, "username") == 0;
+}
+
+/** Reads one element into the record's fields. 0, or -1 with `err` filled. */
+static int read_element(yajl_val v, uint64_t line, yajl_val *name, yajl_val *email, yajl_val *image, ji_error_t *err)
+{
+    *name = *email = *image = NULL;
+    if (!YAJL_IS_OBJECT(v))
+        return ji_error_set(err, JI_ERR_MALFORMED, line, NULL, "expected a JSON object as element %llu",
+                            (unsigned long long)line);
+    for (size_t i = 0; i < v->u.object.len; i++) {
+        const char *k = v->u.object.keys[i];
+        yajl_val *slot = is_name_key(k) ? name : strcmp(k, "email") == 0 ? email : strcmp(k, "image") == 0 ? image : NULL;
+        const char *field = slot == name ? "name" : slot == email ? "email" : "image";
+        if (slot == NULL)
+            continue;
+        if (*slot != NULL)
+            return ji_error_set(err, JI_ERR_INVALID, line, field, "duplicate member \"%s\"", k);
+        *slot = v->u.object.values[i];
+    }
+    if (*name == NULL)
+        return ji_error_set(err, JI_ERR_INVALID, line, "name", "missing field \"name\"");
+    if (!YAJL_IS_STRING(*name))
+        return ji_error_set(err, JI_ERR_INVALID, line, "name", "name must be a string");
+    if (*email == NULL)
+        return ji_error_set(err, JI_ERR_INVALID, line, "email", "missing field \"email\"");
+    if (!YAJL_IS_STRING(*email))
+        return ji_error_set(err, JI_ERR_INVALID, line, "email", "email must be a string");
+    if (*image != NULL && !YAJL_IS_STRING(*image) && !YAJL_IS_NULL(*image))
+        return ji_error_set(err, JI_ERR_INVALID, line, "image", "image must be a string or null");
+    return 0;
+}
+
+/** Stores elements until the database backs up, the request fails, or the array ends. */
+static void walk(array_req_t *a)
+{
+    while (a->next < a->root->u.array.len) {
+        yajl_val v = a->root->u.array.values[a->next], name, email, image;
+        uint64_t line = ++a->next;
+        const char *img;
+        ji_error_t err;
+        int r;
+
+        if (read_element(v, line, &name, &email, &image, &err) != 0) {
+            if (ji_ingest_record_error(a->ingest, &err) != 0)
+                return;
+            continue;
+        }
+        img = image != NULL && YAJL_IS_STRING(image) ? image->u.string : NULL;
+        r = ji_ingest_put_record(a->ingest, line, name->u.string, strlen(name->u.string), email->u.string,
+                                 strlen(email->u.string), img, img != NULL ? strlen(img) : 0);
+        if (r != 0)
+            return; /* 1: resume comes when the database drained; -1: done comes */
+    }
+    ji_ingest_end(a->ingest);
+}
+
+static void on_resume(ji_ingest_t *in, void *owner)
+{
+    (void)in;
+    walk(owner);
+}
+
+static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len, unsigned retry_after)
+{
+    array_req_t *a = owner;
+    h2o_iovec_t copy = h2o_strdup(&a->req->pool, body, len);
+
+    a->ingest = NULL;
+    ji_ingest_free(in);
+    yajl_tree_free(a->root); /* the tree is the big part: give it back before answering */
+    a->root = NULL;
+    free(a->text);
+    a->text = NULL;
+    send_answer(a->req, status, copy.base, copy.len, retry_after);
+}
+
+static const ji_ingest_callbacks_t array_callbacks = {on_resume, on_done};
+
+int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params)
+{
+    array_req_t *a = h2o_mem_alloc_shared(&req->pool, sizeof(*a), array_dispose);
+    char yajl_error[256];
+    ji_error_t err;
+    size_t len = req->entity.len;
+
+    memset(a, 0, sizeof(*a));
+    a->req = req;
+    if (len > w->server->config->max_array_bytes) {
+        ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
+                     w->server->config->max_array_bytes);
+        send_error(req, &err);
+        return 0;
+    }
+    if ((a->text = malloc(len + 1)) == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        send_error(req, &err);
+        return 0;
+    }
+    memcpy(a->text, req->entity.base, len);
+    a->text[len] = '\0';
+    if (check_text(a->text, len, &err) != 0) {
+        send_error(req, &err);
+        return 0;
+    }
+    if (memchr(a->text, '\0', len) != NULL) {
+        ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "NUL byte in the body");
+        send_error(req, &err);
+        return 0;
+    }
+    if ((a->root = yajl_tree_parse(a->text, yajl_error, sizeof(yajl_error))) == NULL) {
+        char *nl = strchr(yajl_error, '\n');
+        if (nl != NULL)
+            *nl = '\0';
+        ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "%s", yajl_error[0] ? yajl_error : "malformed JSON");
+        send_error(req, &err);
+        return 0;
+    }
+    if (!YAJL_IS_ARRAY(a->root)) {
+        ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "expected a JSON array of records");
+        send_error(req, &err);
+        return 0;
+    }
+    free(a->text); /* the tree holds its own copies of the strings */
+    a->text = NULL;
+    if ((a->ingest = ji_ingest_new(w, params, &array_callbacks, a)) == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        send_error(req, &err);
+    }
+    return 0;
+}
