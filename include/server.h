@@ -8,25 +8,39 @@
 #define JI_SERVER_H
 
 #include <h2o.h>
+#include <stdatomic.h>
 #include "common.h"
 #include "config.h"
 #include "image_store.h"
 #include "pg.h"
 
-/** Read-only state shared by every worker. */
+typedef struct st_ji_worker_t ji_worker_t;
+
+/** State shared by every worker: read-only after start-up, except the atomics. */
 typedef struct st_ji_server_t {
     const ji_config_t *config;
     ji_image_store_t images;
     h2o_globalconf_t h2o_config;
+    ji_worker_t *workers; /**< all workers, for /metrics */
+    unsigned nworkers;
+    _Atomic bool db_ready;  /**< schema created and leftovers collected: ingests may start */
+    _Atomic bool stopping;  /**< SIGTERM: no new connections, finish what runs */
 } ji_server_t;
 
-/** Per-request counters of one worker (read by /metrics; written only by its own thread). */
+/**
+ * Counters of one worker, written by its own thread only and read by /metrics from any thread (relaxed
+ * atomics: each value is exact, the set is not a snapshot).
+ */
 typedef struct st_ji_worker_stats_t {
-    uint64_t ingests_started, ingests_ok, ingests_failed, ingests_in_flight;
-    uint64_t records, images, body_bytes;
+    _Atomic uint64_t requests;          /**< POST /users requests that reached an ingest */
+    _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
+    _Atomic uint64_t records, images, body_bytes;
+    _Atomic uint64_t errors[8];         /**< failed ingests by ji_error_kind_t */
+    _Atomic uint64_t limit_record_bytes; /**< requests refused by --max-record-bytes */
+    _Atomic uint64_t limit_ingests;      /**< requests refused because JI_MAX_INGESTS_PER_WORKER were running */
 } ji_worker_stats_t;
 
-typedef struct st_ji_worker_t {
+struct st_ji_worker_t {
     ji_server_t *server;
     h2o_context_t ctx;
     h2o_accept_ctx_t accept_ctx;
@@ -37,7 +51,7 @@ typedef struct st_ji_worker_t {
     h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
     h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
     ji_worker_stats_t stats;
-} ji_worker_t;
+};
 
 /** The worker that owns an h2o context. */
 static inline ji_worker_t *ji_worker_of(h2o_context_t *ctx)

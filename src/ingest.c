@@ -157,7 +157,10 @@ static void fail(ji_ingest_t *in, const ji_error_t *err)
     in->retry_after = err->kind == JI_ERR_DB ? JI_RETRY_AFTER_SECONDS : 0;
     ji_text_free(&in->answer);
     ji_response_error_json(&in->answer, err);
-    in->worker->stats.ingests_failed++;
+    atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->worker->stats.errors[err->kind & 7], 1, memory_order_relaxed);
+    if (err->kind == JI_ERR_TOO_LARGE)
+        atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
     in->pending_done = true;
     schedule(in);
 }
@@ -401,9 +404,9 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_text_append(t, "]", 1);
     }
     ji_text_append(t, "}\n", 2);
-    in->worker->stats.ingests_ok++;
-    in->worker->stats.records += in->inserted;
-    in->worker->stats.images += in->images_stored;
+    atomic_fetch_add_explicit(&in->worker->stats.ingests_ok, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->worker->stats.records, in->inserted, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->worker->stats.images, in->images_stored, memory_order_relaxed);
     in->pending_done = true;
     schedule(in);
 }
@@ -551,8 +554,8 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
     strcpy(in->last_id, "null");
     clock_gettime(CLOCK_MONOTONIC, &in->started);
     ji_splitter_init(&in->splitter, w->server->config->max_record_bytes, &splitter_handler, in);
-    w->stats.ingests_started++;
-    w->stats.ingests_in_flight++;
+    atomic_fetch_add_explicit(&w->stats.requests, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->stats.ingests_in_flight, 1, memory_order_relaxed);
 
     if ((in->copy_buf = malloc(JI_COPY_BUFFER_BYTES + JI_COPY_BUFFER_SLACK)) == NULL ||
         (in->parser = ji_record_parser_new(&record_handler, in)) == NULL) {
@@ -582,7 +585,7 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     }
     r = ji_splitter_feed(&in->splitter, data, len, &consumed);
     in->bytes += consumed;
-    in->worker->stats.body_bytes += consumed;
+    atomic_fetch_add_explicit(&in->worker->stats.body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
         return consumed;
     /* rows reach the database while the body still arrives */
@@ -685,8 +688,8 @@ void ji_ingest_free(ji_ingest_t *in)
     if (in->images != NULL)
         ji_image_batch_abort(in->images);
     if (in->state != ST_DONE && in->state != ST_FAILED)
-        in->worker->stats.ingests_failed++;
-    in->worker->stats.ingests_in_flight--;
+        atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&in->worker->stats.ingests_in_flight, 1, memory_order_relaxed);
     if (in->parser != NULL)
         ji_record_parser_free(in->parser);
     free(in->copy_buf);

@@ -19,6 +19,7 @@
 
 #include "array_mode.h"
 #include "front_door.h"
+#include "reads.h"
 #include "ingest.h"
 #include "request_options.h"
 #include "response.h"
@@ -138,7 +139,7 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
 
     (void)self;
     if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("POST")))
-        return -1;
+        return ji_reads_handle_users(w, req);
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
@@ -291,6 +292,7 @@ static void configure_h2o(ji_server_t *server)
     conf->max_request_entity_size = server->config->max_array_bytes;
     host = h2o_config_register_host(conf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
     register_handler(host, "/healthz", on_healthz);
+    ji_reads_register(host);
     register_handler(host, "/users", on_users);
     register_handler(host, "/", on_not_found);
 }
@@ -317,6 +319,8 @@ int ji_server_run(const ji_config_t *config)
     threads = calloc(config->threads, sizeof(*threads));
     if (workers == NULL || threads == NULL)
         goto Exit;
+    server.workers = workers;
+    server.nworkers = config->threads;
     for (i = 0; i < config->threads; i++) {
         int fd = open_listener(config);
         if (fd == -1 || worker_init(&workers[i], &server, fd) != 0)

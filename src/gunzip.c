@@ -1,0 +1,2 @@
+/* gunzip.c — placeholder until the gzip stage lands. */
+#include "gunzip.h"
