@@ -20,6 +20,8 @@ typedef struct st_ji_config_t {
     size_t max_array_bytes;
     bool fsync;
     const char *token_file;   /**< NULL: no authentication */
+    unsigned max_ingests;     /**< POST /users requests running at once in the process (--max-ingests) */
+    unsigned idle_timeout_ms; /**< a head or body that receives nothing for this long is cut (--idle-timeout) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

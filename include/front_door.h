@@ -16,4 +16,7 @@
 /** Takes over a newly accepted connection. */
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock);
 
+/** Closes every connection the front door still holds on this worker (at stop; aborts unfinished ingests). */
+void ji_front_door_close_all(ji_worker_t *w);
+
 #endif

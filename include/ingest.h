@@ -20,6 +20,7 @@ typedef struct st_ji_ingest_t ji_ingest_t;
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip */
     uint64_t body_bytes; /**< record mode: the size of the body the records came from (reported as "bytes") */
+    const char *idempotency_key; /**< Idempotency-Key header (copied), or NULL */
 } ji_ingest_params_t;
 
 typedef struct st_ji_ingest_callbacks_t {

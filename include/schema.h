@@ -1,6 +1,6 @@
 /*
  * schema.h — the tables the service needs, created at startup if missing.
- *   batches(batch_id bigserial pk, batch_key text unique, created_at)
+ *   batches(batch_id bigserial pk, batch_key text unique, idempotency_key text unique, response text, created_at)
  *   users(user_id bigserial pk, name varchar(255) not null, email varchar(255) not null, image_path text,
  *         image_type text, image_size bigint, batch_id bigint, created_at timestamptz)
  * Uses a blocking libpq connection: only ever called before an event loop runs, or from `gc`.

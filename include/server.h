@@ -25,6 +25,9 @@ typedef struct st_ji_server_t {
     unsigned nworkers;
     _Atomic bool db_ready;  /**< schema created and leftovers collected: ingests may start */
     _Atomic bool stopping;  /**< SIGTERM: no new connections, finish what runs */
+    _Atomic unsigned ingests_running; /**< POST /users requests in flight, all workers (cap: --max-ingests) */
+    char *token;          /**< --token-file's token, or NULL */
+    size_t token_len;
 } ji_server_t;
 
 /**
@@ -50,6 +53,7 @@ struct st_ji_worker_t {
     h2o_timeout_t feed_flush_timeout; /**< feed a part-filled buffer after this long without more bytes */
     h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
     h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
+    h2o_linklist_t conns; /**< front-door connections of this worker (closed when it stops) */
     ji_worker_stats_t stats;
 };
 
@@ -61,6 +65,12 @@ static inline ji_worker_t *ji_worker_of(h2o_context_t *ctx)
 
 /** Runs the service until it fails to start (returns non-zero) or is stopped. */
 int ji_server_run(const ji_config_t *config);
+
+/**
+ * Whether an `Authorization` header value grants a POST (always true without --token-file). Compares in
+ * constant time. `value` NULL means the header is missing.
+ */
+bool ji_server_authorized(const ji_server_t *server, const char *value, size_t len);
 
 /** The `gc` command: removes image files of requests that never committed. */
 int ji_server_gc(const ji_config_t *config);

@@ -30,6 +30,7 @@ typedef struct st_ji_splitter_t {
     uint64_t line;         /**< number of the current line, 1-based */
     size_t line_bytes;     /**< bytes of the current line seen so far */
     size_t max_line_bytes; /**< limit on line_bytes (--max-record-bytes) */
+    bool skipping;         /**< dropping the rest of the current line (ji_splitter_skip_line) */
 } ji_splitter_t;
 
 void ji_splitter_init(ji_splitter_t *s, size_t max_line_bytes, const ji_splitter_handler_t *handler, void *ctx);
@@ -42,6 +43,12 @@ ji_split_result_t ji_splitter_feed(ji_splitter_t *s, const char *data, size_t le
 
 /** End of input: ends a last line that has bytes but no '\n' (calls on_line_end for it). JI_SPLIT_PAUSED counts as success. */
 ji_split_result_t ji_splitter_finish(ji_splitter_t *s) JI_MUST_CHECK;
+
+/**
+ * Drops the rest of the current line (after JI_SPLIT_TOO_LONG in skip mode): its bytes up to the next '\n' are
+ * discarded without a handler call, and no on_line_end comes for it; counting goes on with the next line.
+ */
+void ji_splitter_skip_line(ji_splitter_t *s);
 
 /** Number of the current line (the one an error just happened on). */
 static inline uint64_t ji_splitter_line(const ji_splitter_t *s)

@@ -11,6 +11,8 @@
 #define JI_DEFAULT_LISTEN "127.0.0.1:8000"
 #define JI_DEFAULT_IMAGES_DIR "images"
 #define JI_MAX_THREADS 256
+#define JI_DEFAULT_MAX_INGESTS 64
+#define JI_DEFAULT_IDLE_TIMEOUT_S 30
 
 void ji_config_usage(const char *argv0, void *out)
 {
@@ -27,8 +29,11 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
             "  --fsync on|off            make image files durable before COMMIT (default on)\n"
             "  --token-file F            require 'Authorization: Bearer <token>' on POST, token read from F\n"
+            "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
+            "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
             "  --help                    this text\n",
-            argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES);
+            argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
+            JI_DEFAULT_IDLE_TIMEOUT_S);
 }
 
 static int parse_size(const char *flag, const char *s, size_t *out)
@@ -67,7 +72,19 @@ Bad:
 
 int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
 {
-    enum { OPT_LISTEN = 1, OPT_DB, OPT_IMAGES, OPT_THREADS, OPT_MAX_RECORD, OPT_MAX_ARRAY, OPT_FSYNC, OPT_TOKEN, OPT_HELP };
+    enum {
+        OPT_LISTEN = 1,
+        OPT_DB,
+        OPT_IMAGES,
+        OPT_THREADS,
+        OPT_MAX_RECORD,
+        OPT_MAX_ARRAY,
+        OPT_FSYNC,
+        OPT_TOKEN,
+        OPT_MAX_INGESTS,
+        OPT_IDLE_TIMEOUT,
+        OPT_HELP
+    };
     static const struct option options[] = {
         {"listen", required_argument, NULL, OPT_LISTEN},
         {"db", required_argument, NULL, OPT_DB},
@@ -77,6 +94,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-array-bytes", required_argument, NULL, OPT_MAX_ARRAY},
         {"fsync", required_argument, NULL, OPT_FSYNC},
         {"token-file", required_argument, NULL, OPT_TOKEN},
+        {"max-ingests", required_argument, NULL, OPT_MAX_INGESTS},
+        {"idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -94,6 +113,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_record_bytes = JI_DEFAULT_MAX_RECORD_BYTES;
     cfg->max_array_bytes = JI_DEFAULT_MAX_ARRAY_BYTES;
     cfg->fsync = true;
+    cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
+    cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -136,6 +157,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_FSYNC:
             if (strcmp(optarg, "on") == 0) {
                 cfg->fsync = true;
+    cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
+    cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
             } else if (strcmp(optarg, "off") == 0) {
                 cfg->fsync = false;
             } else {
@@ -146,6 +169,22 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_TOKEN:
             cfg->token_file = optarg;
             break;
+        case OPT_MAX_INGESTS:
+        case OPT_IDLE_TIMEOUT: {
+            size_t n;
+            const char *flag = opt == OPT_MAX_INGESTS ? "--max-ingests" : "--idle-timeout";
+            if (parse_size(flag, optarg, &n) != 0)
+                return -1;
+            if (n > 1000000) {
+                fprintf(stderr, "%s: at most 1000000\n", flag);
+                return -1;
+            }
+            if (opt == OPT_MAX_INGESTS)
+                cfg->max_ingests = (unsigned)n;
+            else
+                cfg->idle_timeout_ms = (unsigned)n * 1000;
+            break;
+        }
         case OPT_HELP:
         case 'h':
             cfg->command = JI_CMD_HELP;

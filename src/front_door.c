@@ -53,6 +53,7 @@ typedef struct st_ji_conn_t {
     ji_body_decoder_t body;
     ji_ingest_t *ingest;
     ji_ingest_params_t params;
+    char idempotency_key[256];
     bool flush_due;
 
     /* the answer */
@@ -62,6 +63,7 @@ typedef struct st_ji_conn_t {
 
     h2o_timeout_entry_t flush_timer;
     h2o_timeout_entry_t idle_timer;
+    h2o_linklist_t link; /**< in worker->conns */
 } ji_conn_t;
 
 static void on_read_head(h2o_socket_t *sock, const char *err);
@@ -83,6 +85,8 @@ static void stop_timers(ji_conn_t *c)
 static void close_conn(ji_conn_t *c)
 {
     stop_timers(c);
+    if (h2o_linklist_is_linked(&c->link))
+        h2o_linklist_unlink(&c->link);
     if (c->ingest != NULL) {
         ji_ingest_free(c->ingest); /* aborts an unfinished request */
         c->ingest = NULL;
@@ -213,7 +217,8 @@ static const char *reason_of(int status)
 }
 
 /** Prepares the whole answer in c->response. 0, or -1 when out of memory. */
-static int build_response(ji_conn_t *c, int status, const char *body, size_t len, unsigned retry_after)
+static int build_response(ji_conn_t *c, int status, const char *body, size_t len, unsigned retry_after,
+                          const char *extra_headers)
 {
     ji_text_t *t = &c->response;
 
@@ -223,13 +228,16 @@ static int build_response(ji_conn_t *c, int status, const char *body, size_t len
                    reason_of(status), len);
     if (retry_after != 0)
         ji_text_printf(t, "Retry-After: %u\r\n", retry_after);
+    if (extra_headers != NULL)
+        ji_text_printf(t, "%s", extra_headers);
     ji_text_printf(t, "Connection: %s\r\n\r\n", c->close_after ? "close" : "keep-alive");
     ji_text_append(t, body, len);
     return t->failed ? -1 : 0;
 }
 
-/** Answers an error found by the front door itself, then closes. */
-static void respond_error(ji_conn_t *c, ji_error_kind_t kind, int status_override, const char *message)
+/** Answers an error found by the front door itself, then closes. `extra_headers`: NULL or "Name: value\r\n"... */
+static void respond_error_with(ji_conn_t *c, ji_error_kind_t kind, int status_override, const char *message,
+                               const char *extra_headers)
 {
     ji_error_t err;
     ji_text_t body = {0};
@@ -242,12 +250,17 @@ static void respond_error(ji_conn_t *c, ji_error_kind_t kind, int status_overrid
     h2o_socket_read_stop(c->sock);
     r = body.failed ? -1
                     : build_response(c, status_override != 0 ? status_override : ji_error_http_status(kind), body.base,
-                                     body.len, 0);
+                                     body.len, 0, extra_headers);
     ji_text_free(&body);
     if (r != 0)
         close_conn(c);
     else
         send_response(c);
+}
+
+static void respond_error(ji_conn_t *c, ji_error_kind_t kind, int status_override, const char *message)
+{
+    respond_error_with(c, kind, status_override, message, NULL);
 }
 
 /* ------------------------------------------------------------------ the ingest's callbacks */
@@ -313,7 +326,7 @@ static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char 
         c->keep_alive = false;
     c->state = CONN_RESPONDING;
     h2o_socket_read_stop(c->sock);
-    r = build_response(c, status, body, len, retry_after);
+    r = build_response(c, status, body, len, retry_after, NULL);
     ji_ingest_free(in); /* `body` belonged to it; the answer was copied */
     c->ingest = NULL;
     if (r != 0)
@@ -506,6 +519,7 @@ static void process_head(ji_conn_t *c)
     ji_request_options_t options;
     ji_error_t err;
     bool has_length = false, connection_close = false, connection_keep_alive = false;
+    const struct phr_header *authorization = NULL, *idempotency_key = NULL;
 
     if (c->state == CONN_SNIFF) {
         decide_format(c);
@@ -581,6 +595,10 @@ static void process_head(ji_conn_t *c)
                 return;
             }
             c->expect_continue = minor >= 1;
+        } else if (header_is(h, "authorization")) {
+            authorization = h;
+        } else if (header_is(h, "idempotency-key")) {
+            idempotency_key = h;
         } else if (header_is(h, "connection")) {
             connection_close |= value_has_token(h, "close");
             connection_keep_alive |= value_has_token(h, "keep-alive");
@@ -595,6 +613,22 @@ static void process_head(ji_conn_t *c)
         return;
     }
     c->keep_alive = minor >= 1 ? !connection_close : connection_keep_alive;
+    /* before a byte of the body is read (a tighter limit before authentication) */
+    if (!ji_server_authorized(c->worker->server, authorization ? authorization->value : NULL,
+                              authorization ? authorization->value_len : 0)) {
+        respond_error_with(c, JI_ERR_MALFORMED, 401, "missing or invalid bearer token",
+                           "WWW-Authenticate: Bearer\r\n");
+        return;
+    }
+    if (idempotency_key != NULL) {
+        if (idempotency_key->value_len == 0 || idempotency_key->value_len >= sizeof(c->idempotency_key)) {
+            respond_error(c, JI_ERR_MALFORMED, 0, "Idempotency-Key must be 1 to 255 bytes");
+            return;
+        }
+        memcpy(c->idempotency_key, idempotency_key->value, idempotency_key->value_len);
+        c->idempotency_key[idempotency_key->value_len] = '\0';
+        c->params.idempotency_key = c->idempotency_key;
+    }
 
     if (format == JI_FORMAT_ARRAY) {
         /* the JSON-array mode is an h2o handler; refuse an announced oversize body before h2o buffers it */
@@ -640,5 +674,12 @@ void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
     c->flush_timer.cb = on_flush_timer;
     c->idle_timer.cb = on_idle_timeout;
     sock->data = c;
+    h2o_linklist_insert(&w->conns, &c->link);
     start_next_request(c);
+}
+
+void ji_front_door_close_all(ji_worker_t *w)
+{
+    while (!h2o_linklist_is_empty(&w->conns))
+        close_conn(H2O_STRUCT_FROM_MEMBER(ji_conn_t, link, w->conns.next));
 }

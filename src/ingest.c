@@ -58,6 +58,9 @@ struct st_ji_ingest_t {
     bool paused;      /**< COPY output backed up: waiting for the drain event */
     bool refused;     /**< the owner was given less than it offered: it waits for resume */
     bool record_mode; /**< records come from ji_ingest_put_record, not from body bytes */
+    bool replayed;    /**< answered from an earlier request with the same Idempotency-Key */
+    bool counted;     /**< holds one of the server's --max-ingests places */
+    char *idempotency_key;
     struct timespec started;
 
     ji_pg_t *pg;
@@ -331,6 +334,32 @@ static int on_line_end(void *ctx, uint64_t line)
 
 static const ji_splitter_handler_t splitter_handler = {on_line_data, on_line_end};
 
+static void too_long_error(ji_ingest_t *in, ji_error_t *err)
+{
+    uint64_t line = ji_splitter_line(&in->splitter);
+
+    ji_error_set(err, JI_ERR_TOO_LARGE, line, NULL,
+                 "record on line %" PRIu64 " is longer than --max-record-bytes (%zu bytes)", line,
+                 in->splitter.max_line_bytes);
+}
+
+static void skip_long_line(ji_ingest_t *in)
+{
+    ji_error_t err;
+
+    too_long_error(in, &err);
+    forget_line_image(in);
+    remember_error(in, &err);
+    atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
+    in->line_failed = false;
+    if (ji_record_parser_reset(in->parser) != 0) {
+        ji_error_set(&err, JI_ERR_INTERNAL, err.line, NULL, "out of memory");
+        fail(in, &err);
+        return;
+    }
+    ji_splitter_skip_line(&in->splitter);
+}
+
 /** Maps a splitter result to the request's fate. Returns false when the request failed. */
 static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
 {
@@ -341,9 +370,7 @@ static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
     case JI_SPLIT_PAUSED:
         return in->state != ST_FAILED;
     case JI_SPLIT_TOO_LONG:
-        ji_error_set(&err, JI_ERR_TOO_LARGE, ji_splitter_line(&in->splitter), NULL,
-                     "record on line %" PRIu64 " is longer than --max-record-bytes (%zu bytes)",
-                     ji_splitter_line(&in->splitter), in->splitter.max_line_bytes);
+        too_long_error(in, &err);
         fail(in, &err);
         return false;
     case JI_SPLIT_ERROR:
@@ -358,10 +385,47 @@ static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
 
 /* ------------------------------------------------------------------ database steps */
 
+/** The success answer, built before COMMIT so that an Idempotency-Key can keep it in the same transaction. */
+static void build_answer(ji_ingest_t *in)
+{
+    ji_text_t *t = &in->answer;
+
+    ji_text_free(t);
+    ji_text_printf(t,
+                   "{\"inserted\":%" PRIu64 ",\"skipped\":%" PRIu64 ",\"lines\":%" PRIu64 ",\"images\":%" PRIu64
+                   ",\"bytes\":%" PRIu64 ",\"batch_id\":%" PRId64 ",\"first_user_id\":%s,\"last_user_id\":%s"
+                   ",\"elapsed_ms\":%.1f",
+                   in->inserted, in->skipped,
+                   in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter),
+                   in->images_stored, in->bytes, in->batch_id, in->first_id, in->last_id, elapsed_ms(in));
+    if (in->params.skip_errors) {
+        ji_text_append(t, ",\"errors\":[", 11);
+        for (size_t i = 0; i < in->nreported; i++) {
+            ji_text_printf(t, "%s{\"line\":%" PRIu64 ",\"error\":", i ? "," : "", in->reported[i].line);
+            ji_text_json_string(t, in->reported[i].message, strlen(in->reported[i].message));
+            if (in->reported[i].field[0] != '\0') {
+                ji_text_append(t, ",\"field\":", 9);
+                ji_text_json_string(t, in->reported[i].field, strlen(in->reported[i].field));
+            }
+            ji_text_append(t, "}", 1);
+        }
+        ji_text_append(t, "]", 1);
+    }
+    ji_text_append(t, "}\n", 2);
+}
+
+/** Answers 200 with what in->answer holds. */
+static void succeed(ji_ingest_t *in)
+{
+    in->state = ST_DONE;
+    in->status = 200;
+    in->pending_done = true;
+    schedule(in);
+}
+
 static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
-    ji_text_t *t = &in->answer;
 
     (void)res;
     if (err != NULL) {
@@ -380,35 +444,30 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     in->images = NULL;
     ji_pg_pool_put(in->worker->pg_pool, in->pg);
     in->pg = NULL;
-
-    in->state = ST_DONE;
-    in->status = 200;
-    ji_text_printf(t,
-                   "{\"inserted\":%" PRIu64 ",\"skipped\":%" PRIu64 ",\"lines\":%" PRIu64 ",\"images\":%" PRIu64
-                   ",\"bytes\":%" PRIu64 ",\"batch_id\":%" PRId64 ",\"first_user_id\":%s,\"last_user_id\":%s"
-                   ",\"elapsed_ms\":%.1f",
-                   in->inserted, in->skipped,
-                   in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter), in->images_stored, in->bytes,
-                   in->batch_id, in->first_id, in->last_id, elapsed_ms(in));
-    if (in->params.skip_errors) {
-        ji_text_append(t, ",\"errors\":[", 11);
-        for (size_t i = 0; i < in->nreported; i++) {
-            ji_text_printf(t, "%s{\"line\":%" PRIu64 ",\"error\":", i ? "," : "", in->reported[i].line);
-            ji_text_json_string(t, in->reported[i].message, strlen(in->reported[i].message));
-            if (in->reported[i].field[0] != '\0') {
-                ji_text_append(t, ",\"field\":", 9);
-                ji_text_json_string(t, in->reported[i].field, strlen(in->reported[i].field));
-            }
-            ji_text_append(t, "}", 1);
-        }
-        ji_text_append(t, "]", 1);
-    }
-    ji_text_append(t, "}\n", 2);
     atomic_fetch_add_explicit(&in->worker->stats.ingests_ok, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->worker->stats.records, in->inserted, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->worker->stats.images, in->images_stored, memory_order_relaxed);
-    in->pending_done = true;
-    schedule(in);
+    succeed(in);
+}
+
+static void send_commit(ji_ingest_t *in)
+{
+    in->state = ST_COMMIT;
+    if (ji_pg_query(in->pg, "COMMIT", 0, NULL, on_commit, in) != 0)
+        fail_db(in, "sending COMMIT failed", ji_pg_error(in->pg));
+}
+
+static void on_answer_kept(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    (void)pg;
+    (void)res;
+    if (err != NULL) {
+        fail_db(in, "keeping the answer of the Idempotency-Key failed", err);
+        return;
+    }
+    send_commit(in);
 }
 
 static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -423,9 +482,15 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         snprintf(in->first_id, sizeof(in->first_id), "%s", PQgetvalue(res, 0, 0));
         snprintf(in->last_id, sizeof(in->last_id), "%s", PQgetvalue(res, 0, 1));
     }
-    in->state = ST_COMMIT;
-    if (ji_pg_query(pg, "COMMIT", 0, NULL, on_commit, in) != 0)
-        fail_db(in, "sending COMMIT failed", ji_pg_error(pg));
+    build_answer(in);
+    if (in->idempotency_key != NULL) {
+        const char *params[2] = {in->batch_id_text, in->answer.base};
+        if (ji_pg_query(pg, "UPDATE batches SET response = $2 WHERE batch_id = $1", 2, params, on_answer_kept, in) !=
+            0)
+            fail_db(in, "keeping the answer of the Idempotency-Key failed", ji_pg_error(pg));
+        return;
+    }
+    send_commit(in);
 }
 
 static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -488,12 +553,45 @@ static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
         schedule_resume(in);
 }
 
+/** The key was used by a committed request: answer what it answered, store nothing. */
+static void on_replay(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+    ji_error_t e;
+
+    (void)pg;
+    if (err != NULL) {
+        fail_db(in, "reading the answer of the Idempotency-Key failed", err);
+        return;
+    }
+    if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "the Idempotency-Key is taken but has no answer");
+        fail(in, &e);
+        return;
+    }
+    ji_text_free(&in->answer);
+    ji_text_append(&in->answer, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
+    release_db(in); /* nothing was written: the transaction is dropped */
+    ji_image_batch_abort(in->images);
+    in->images = NULL;
+    in->replayed = true;
+    succeed(in);
+}
+
 static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
 
     if (err != NULL) {
         fail_db(in, "creating the batch failed", err);
+        return;
+    }
+    if (PQntuples(res) == 0) {
+        /* ON CONFLICT on the Idempotency-Key: it waited for the other request, which committed */
+        const char *params[1] = {in->idempotency_key};
+        in->state = ST_SUMMARY;
+        if (ji_pg_query(pg, "SELECT response FROM batches WHERE idempotency_key = $1", 1, params, on_replay, in) != 0)
+            fail_db(in, "reading the answer of the Idempotency-Key failed", ji_pg_error(pg));
         return;
     }
     snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(res, 0, 0));
@@ -506,7 +604,8 @@ static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
-    const char *params[1] = {ji_image_batch_key(in->images)};
+    const char *params[2] = {ji_image_batch_key(in->images), in->idempotency_key};
+    int r;
 
     (void)res;
     if (err != NULL) {
@@ -514,8 +613,14 @@ static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         return;
     }
     in->state = ST_BATCH;
-    if (ji_pg_query(pg, "INSERT INTO batches (batch_key) VALUES ($1) RETURNING batch_id", 1, params, on_batch, in) !=
-        0)
+    if (in->idempotency_key != NULL)
+        r = ji_pg_query(pg,
+                        "INSERT INTO batches (batch_key, idempotency_key) VALUES ($1, $2) "
+                        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING batch_id",
+                        2, params, on_batch, in);
+    else
+        r = ji_pg_query(pg, "INSERT INTO batches (batch_key) VALUES ($1) RETURNING batch_id", 1, params, on_batch, in);
+    if (r != 0)
         fail_db(in, "creating the batch failed", ji_pg_error(pg));
 }
 
@@ -557,6 +662,26 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
     atomic_fetch_add_explicit(&w->stats.requests, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&w->stats.ingests_in_flight, 1, memory_order_relaxed);
 
+    in->counted = true;
+    if (atomic_fetch_add(&w->server->ingests_running, 1) >= w->server->config->max_ingests) {
+        atomic_fetch_add_explicit(&w->stats.limit_ingests, 1, memory_order_relaxed);
+        ji_error_set(&err, JI_ERR_DB, 0, NULL, "too many uploads in progress (--max-ingests %u): retry later",
+                     w->server->config->max_ingests);
+        fail(in, &err);
+        in->retry_after = 1;
+        return in;
+    }
+    if (!atomic_load(&w->server->db_ready)) {
+        ji_error_set(&err, JI_ERR_DB, 0, NULL, "database unavailable: not reachable since start-up");
+        fail(in, &err);
+        return in;
+    }
+    if (params->idempotency_key != NULL && (in->idempotency_key = strdup(params->idempotency_key)) == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        fail(in, &err);
+        return in;
+    }
+
     if ((in->copy_buf = malloc(JI_COPY_BUFFER_BYTES + JI_COPY_BUFFER_SLACK)) == NULL ||
         (in->parser = ji_record_parser_new(&record_handler, in)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
@@ -583,7 +708,15 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         in->refused = true;
         return 0;
     }
-    r = ji_splitter_feed(&in->splitter, data, len, &consumed);
+    for (;;) {
+        size_t n = 0;
+        r = ji_splitter_feed(&in->splitter, data + consumed, len - consumed, &n);
+        consumed += n;
+        if (r != JI_SPLIT_TOO_LONG || !in->params.skip_errors || in->state == ST_FAILED)
+            break;
+        /* skip mode: an oversize record is reported and dropped like any bad record */
+        skip_long_line(in);
+    }
     in->bytes += consumed;
     atomic_fetch_add_explicit(&in->worker->stats.body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
@@ -690,6 +823,9 @@ void ji_ingest_free(ji_ingest_t *in)
     if (in->state != ST_DONE && in->state != ST_FAILED)
         atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
     atomic_fetch_sub_explicit(&in->worker->stats.ingests_in_flight, 1, memory_order_relaxed);
+    if (in->counted)
+        atomic_fetch_sub(&in->worker->server->ingests_running, 1);
+    free(in->idempotency_key);
     if (in->parser != NULL)
         ji_record_parser_free(in->parser);
     free(in->copy_buf);

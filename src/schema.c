@@ -1,6 +1,7 @@
 /*
  * schema.c — owns the database schema: creates the `batches` and `users`
- * tables and the users(batch_id) index when missing, upgrades a `users` table
+ * tables and the users(batch_id) index when missing (batches also keeps each
+ * Idempotency-Key with the answer it got), upgrades a `users` table
  * made by someone else (a benchmark harness's (user_id, name, email, image))
  * with the columns the service needs, and answers whether a batch key
  * committed. Blocking libpq on purpose: it runs before any event loop starts
@@ -19,7 +20,14 @@
 static const char SQL_CREATE_BATCHES[] = "CREATE TABLE IF NOT EXISTS batches ("
                                          "batch_id bigserial PRIMARY KEY, "
                                          "batch_key text NOT NULL UNIQUE, "
+                                         "idempotency_key text UNIQUE, "
+                                         "response text, "
                                          "created_at timestamptz NOT NULL DEFAULT now())";
+
+/* batches from before Idempotency-Key support (a small table: the lock of ALTER is harmless at start-up) */
+static const char SQL_BATCHES_IDEMPOTENCY[] = "ALTER TABLE batches "
+                                              "ADD COLUMN IF NOT EXISTS idempotency_key text UNIQUE, "
+                                              "ADD COLUMN IF NOT EXISTS response text";
 
 static const char SQL_CREATE_USERS[] = "CREATE TABLE IF NOT EXISTS users ("
                                        "user_id bigserial PRIMARY KEY, "
@@ -91,6 +99,9 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
                     "taking the schema lock", err, NULL) != 0)
         goto rollback;
     if (exec_expect(conn, SQL_CREATE_BATCHES, PGRES_COMMAND_OK, "creating table batches", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_BATCHES_IDEMPOTENCY, PGRES_COMMAND_OK, "adding idempotency columns to batches", err,
+                    NULL) != 0)
         goto rollback;
     if (exec_expect(conn, SQL_CREATE_USERS, PGRES_COMMAND_OK, "creating table users", err, NULL) != 0)
         goto rollback;

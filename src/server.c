@@ -8,12 +8,14 @@
 #include "server.h"
 
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -29,8 +31,12 @@
 #define JI_PG_MAX_IDLE 4
 /** A part-filled input buffer is fed after this long without more bytes. */
 #define JI_FEED_FLUSH_MS 5
-/** A request head or body that receives nothing for this long is cut. */
-#define JI_IDLE_TIMEOUT_MS 30000
+/** How often a worker's loop wakes up to look for a stop request. */
+#define JI_STOP_POLL_MS 100
+/** After SIGTERM, how long requests in flight may take before the process exits anyway. */
+#define JI_STOP_GRACE_MS 30000
+/** Between attempts to reach the database at start-up. */
+#define JI_DB_RETRY_SECONDS 1
 /** How long an error answer waits for the client to stop sending before the connection closes. */
 #define JI_LINGER_MS 2000
 /** h2o's deadline for a whole buffered request (head and body) on its own routes. */
@@ -140,6 +146,21 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     (void)self;
     if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("POST")))
         return ji_reads_handle_users(w, req);
+    ct = h2o_find_header(&req->headers, H2O_TOKEN_AUTHORIZATION, -1);
+    if (!ji_server_authorized(w->server, ct != -1 ? req->headers.entries[ct].value.base : NULL,
+                              ct != -1 ? req->headers.entries[ct].value.len : 0)) {
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_WWW_AUTHENTICATE, NULL, H2O_STRLIT("Bearer"));
+        send_error(req, 401, "Unauthorized", "missing or invalid bearer token");
+        return 0;
+    }
+    if ((ct = h2o_find_header_by_str(&req->headers, H2O_STRLIT("idempotency-key"), -1)) != -1) {
+        h2o_iovec_t v = req->headers.entries[ct].value;
+        if (v.len == 0 || v.len > 255) {
+            send_error(req, 400, "Bad Request", "Idempotency-Key must be 1 to 255 bytes");
+            return 0;
+        }
+        params.idempotency_key = h2o_strdup(&req->pool, v.base, v.len).base;
+    }
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
@@ -170,6 +191,49 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
         send_error(req, 500, "Internal Server Error", "out of memory");
     return 0;
+}
+
+/* ------------------------------------------------------------------ authorization */
+
+bool ji_server_authorized(const ji_server_t *server, const char *value, size_t len)
+{
+    static const char scheme[] = "Bearer ";
+
+    if (server->token == NULL)
+        return true;
+    if (value == NULL || len < sizeof(scheme) - 1 || strncasecmp(value, scheme, sizeof(scheme) - 1) != 0)
+        return false;
+    value += sizeof(scheme) - 1;
+    len -= sizeof(scheme) - 1;
+    while (len > 0 && value[0] == ' ') {
+        value++;
+        len--;
+    }
+    return len == server->token_len && CRYPTO_memcmp(value, server->token, len) == 0;
+}
+
+static int load_token(ji_server_t *server, const char *path)
+{
+    char buf[1024];
+    FILE *f = fopen(path, "r");
+    size_t n;
+
+    if (f == NULL) {
+        fprintf(stderr, "--token-file %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    buf[strcspn(buf, "\r\n")] = '\0';
+    n = strlen(buf);
+    if (n == 0) {
+        fprintf(stderr, "--token-file %s: the first line is empty\n", path);
+        return -1;
+    }
+    server->token = strdup(buf);
+    server->token_len = n;
+    return server->token != NULL ? 0 : -1;
 }
 
 /* ------------------------------------------------------------------ workers */
@@ -221,11 +285,12 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
 {
     memset(w, 0, sizeof(*w));
     w->server = server;
+    h2o_linklist_init_anchor(&w->conns);
     h2o_context_init(&w->ctx, h2o_evloop_create(), &server->h2o_config);
     w->accept_ctx.ctx = &w->ctx;
     w->accept_ctx.hosts = server->h2o_config.hosts;
     h2o_timeout_init(w->ctx.loop, &w->feed_flush_timeout, JI_FEED_FLUSH_MS);
-    h2o_timeout_init(w->ctx.loop, &w->idle_timeout, JI_IDLE_TIMEOUT_MS);
+    h2o_timeout_init(w->ctx.loop, &w->idle_timeout, server->config->idle_timeout_ms);
     h2o_timeout_init(w->ctx.loop, &w->linger_timeout, JI_LINGER_MS);
     if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db, JI_PG_MAX_IDLE)) == NULL) {
         fprintf(stderr, "out of memory\n");
@@ -237,12 +302,50 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     return 0;
 }
 
+/*
+ * Runs the loop until a stop was requested and nothing is in flight here (or the grace period ran out). On the
+ * stop request the listener closes: new connections go to no one, requests in flight finish or roll back.
+ */
 static void *worker_run(void *arg)
 {
     ji_worker_t *w = arg;
+    uint64_t stop_deadline = 0;
 
-    while (h2o_evloop_run(w->ctx.loop, INT32_MAX) == 0)
-        ;
+    for (;;) {
+        if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
+            break;
+        if (!atomic_load(&w->server->stopping))
+            continue;
+        if (w->listener != NULL) {
+            h2o_socket_read_stop(w->listener);
+            h2o_socket_close(w->listener);
+            w->listener = NULL;
+            stop_deadline = h2o_now(w->ctx.loop) + JI_STOP_GRACE_MS;
+        }
+        if (atomic_load_explicit(&w->stats.ingests_in_flight, memory_order_relaxed) == 0)
+            break;
+        if (h2o_now(w->ctx.loop) >= stop_deadline) {
+            fprintf(stderr, "stopping with %llu requests still in flight (their files are removed at next start)\n",
+                    (unsigned long long)atomic_load(&w->stats.ingests_in_flight));
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void *signal_run(void *arg)
+{
+    ji_server_t *server = arg;
+    sigset_t set;
+    int sig;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    if (sigwait(&set, &sig) == 0) {
+        fprintf(stderr, "got %s: no new connections, finishing requests in flight\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        atomic_store(&server->stopping, true);
+    }
     return NULL;
 }
 
@@ -253,8 +356,11 @@ static int batch_committed(void *ctx, const char *key)
     return ji_schema_batch_committed(ctx, key);
 }
 
-/** Blocking database work before any loop runs: schema, then leftovers of crashed requests. */
-static int prepare_storage(ji_server_t *server)
+/**
+ * Blocking database work, before the loops run or on the start-up thread (never on a loop): schema, then the
+ * leftovers of crashed requests. `quiet` drops the connection error message (retries).
+ */
+static int prepare_storage(ji_server_t *server, bool quiet)
 {
     const ji_config_t *cfg = server->config;
     PGconn *conn = PQconnectdb(cfg->db);
@@ -263,7 +369,8 @@ static int prepare_storage(ji_server_t *server)
     int ret = -1;
 
     if (PQstatus(conn) != CONNECTION_OK) {
-        fprintf(stderr, "cannot connect to the database: %s", PQerrorMessage(conn));
+        if (!quiet)
+            fprintf(stderr, "cannot connect to the database: %s", PQerrorMessage(conn));
         goto Exit;
     }
     if (ji_schema_ensure(conn, &err) != 0) {
@@ -282,6 +389,22 @@ Exit:
     return ret;
 }
 
+/** Start-up without a database: keeps trying in the background; ingests answer 503 until it worked. */
+static void *storage_retry_run(void *arg)
+{
+    ji_server_t *server = arg;
+
+    while (!atomic_load(&server->stopping)) {
+        sleep(JI_DB_RETRY_SECONDS);
+        if (prepare_storage(server, true) == 0) {
+            fprintf(stderr, "database reachable: schema ready, accepting uploads\n");
+            atomic_store(&server->db_ready, true);
+            break;
+        }
+    }
+    return NULL;
+}
+
 static void configure_h2o(ji_server_t *server)
 {
     h2o_globalconf_t *conf = &server->h2o_config;
@@ -297,23 +420,65 @@ static void configure_h2o(ji_server_t *server)
     register_handler(host, "/", on_not_found);
 }
 
+/** Frees a stopped worker: its connections (unfinished ingests abort), pool, timers, context and loop. */
+static void worker_dispose(ji_worker_t *w)
+{
+    h2o_loop_t *loop = w->ctx.loop;
+
+    if (w->listener != NULL) {
+        h2o_socket_close(w->listener);
+        w->listener = NULL;
+    }
+    ji_front_door_close_all(w);
+    h2o_evloop_run(loop, 0); /* lets the loop release what the closes above deferred */
+    if (w->pg_pool != NULL)
+        ji_pg_pool_free(w->pg_pool);
+    h2o_evloop_run(loop, 0);
+    h2o_timeout_dispose(loop, &w->feed_flush_timeout);
+    h2o_timeout_dispose(loop, &w->idle_timeout);
+    h2o_timeout_dispose(loop, &w->linger_timeout);
+    h2o_context_dispose(&w->ctx);
+    h2o_evloop_destroy(loop);
+}
+
 int ji_server_run(const ji_config_t *config)
 {
     ji_server_t server = {.config = config};
     ji_worker_t *workers = NULL;
-    pthread_t *threads = NULL;
+    pthread_t *threads = NULL, signal_thread, retry_thread;
+    bool retrying = false, signals = false;
+    unsigned i, started = 0, initialized = 0;
+    sigset_t stop_signals;
     ji_error_t err;
-    unsigned i;
     int ret = 1;
 
     signal(SIGPIPE, SIG_IGN);
+    if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
+        return 1;
     if (ji_image_store_open(&server.images, config->images_dir, config->fsync, &err) != 0) {
         fprintf(stderr, "images directory %s: %s\n", config->images_dir, err.message);
+        free(server.token);
         return 1;
     }
-    if (prepare_storage(&server) != 0)
-        goto Exit;
     configure_h2o(&server);
+
+    /* every thread blocks the stop signals; one thread waits for them */
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    if (pthread_create(&signal_thread, NULL, signal_run, &server) != 0)
+        goto Exit;
+    pthread_detach(signal_thread);
+    signals = true;
+
+    if (prepare_storage(&server, false) == 0) {
+        atomic_store(&server.db_ready, true);
+    } else {
+        fprintf(stderr, "serving anyway: uploads get 503 until the database is reachable\n");
+        if (pthread_create(&retry_thread, NULL, storage_retry_run, &server) == 0)
+            retrying = true;
+    }
 
     workers = calloc(config->threads, sizeof(*workers));
     threads = calloc(config->threads, sizeof(*threads));
@@ -325,21 +490,35 @@ int ji_server_run(const ji_config_t *config)
         int fd = open_listener(config);
         if (fd == -1 || worker_init(&workers[i], &server, fd) != 0)
             goto Exit;
+        initialized++;
     }
     fprintf(stderr, "jsonl-ingest listening on %s:%u (%u threads, images in %s, fsync %s)\n", config->listen_host,
             config->listen_port, config->threads, config->images_dir, config->fsync ? "on" : "off");
-    for (i = 1; i < config->threads; i++)
+    for (i = 1; i < config->threads; i++) {
         if (pthread_create(&threads[i], NULL, worker_run, &workers[i]) != 0) {
             fprintf(stderr, "cannot start thread %u\n", i);
-            goto Exit;
+            atomic_store(&server.stopping, true);
+            break;
         }
+        started++;
+    }
     worker_run(&workers[0]);
+    for (i = 1; i <= started; i++)
+        pthread_join(threads[i], NULL);
     ret = 0;
+    fprintf(stderr, "stopped\n");
 Exit:
-    /* the loops run until the process ends; only a failed start gets here */
+    atomic_store(&server.stopping, true);
+    if (retrying)
+        pthread_join(retry_thread, NULL);
+    for (i = 0; i < initialized; i++)
+        worker_dispose(&workers[i]);
     free(threads);
     free(workers);
+    (void)signals;
+    h2o_config_dispose(&server.h2o_config);
     ji_image_store_close(&server.images);
+    free(server.token);
     return ret;
 }
 
@@ -353,7 +532,7 @@ int ji_server_gc(const ji_config_t *config)
         fprintf(stderr, "images directory %s: %s\n", config->images_dir, err.message);
         return 1;
     }
-    ret = prepare_storage(&server) == 0 ? 0 : 1;
+    ret = prepare_storage(&server, false) == 0 ? 0 : 1;
     ji_image_store_close(&server.images);
     return ret;
 }

@@ -16,6 +16,20 @@ void ji_splitter_init(ji_splitter_t *s, size_t max_line_bytes, const ji_splitter
     s->line = 1;
     s->line_bytes = 0;
     s->max_line_bytes = max_line_bytes;
+    s->skipping = false;
+}
+
+void ji_splitter_skip_line(ji_splitter_t *s)
+{
+    s->skipping = true;
+}
+
+/* Ends a skipped line: no handler call. */
+static void end_skipped_line(ji_splitter_t *s)
+{
+    s->skipping = false;
+    s->line++;
+    s->line_bytes = 0;
 }
 
 /* Ends the current line. On success the next line starts; on error `line` keeps naming the failed one. */
@@ -40,6 +54,15 @@ ji_split_result_t ji_splitter_feed(ji_splitter_t *s, const char *data, size_t le
         size_t end = nl != NULL ? (size_t)(nl - data) : len;
         size_t n = end - pos;
 
+        if (s->skipping) {
+            if (nl == NULL) {
+                pos = len;
+                break;
+            }
+            end_skipped_line(s);
+            pos = end + 1;
+            continue;
+        }
         if (n != 0) {
             if (n > s->max_line_bytes - s->line_bytes) {
                 res = JI_SPLIT_TOO_LONG;
@@ -68,6 +91,10 @@ ji_split_result_t ji_splitter_feed(ji_splitter_t *s, const char *data, size_t le
 
 ji_split_result_t ji_splitter_finish(ji_splitter_t *s)
 {
+    if (s->skipping) {
+        end_skipped_line(s);
+        return JI_SPLIT_OK;
+    }
     if (s->line_bytes == 0)
         return JI_SPLIT_OK; /* nothing after the last '\n': no line */
     return end_line(s);
