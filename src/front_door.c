@@ -13,6 +13,7 @@
 #include <sys/time.h>
 
 #include "body_decoder.h"
+#include "gunzip.h"
 #include "h2o/http1.h"
 #include "ingest.h"
 #include "picohttp.h"
@@ -24,6 +25,9 @@
  * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
  */
 #define JI_SOCKET_RCVBUF_BYTES (256 * 1024)
+
+/** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
+#define JI_INFLATE_BUFFER_BYTES (256u * 1024)
 
 /** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
 #define JI_MAX_SNIFF_BYTES (64u * 1024)
@@ -55,6 +59,10 @@ typedef struct st_ji_conn_t {
     ji_ingest_params_t params;
     char idempotency_key[256];
     bool flush_due;
+    bool gzip;           /**< Content-Encoding: gzip */
+    ji_gunzip_t *gunzip; /**< its inflater, while the body streams */
+    char *inflated;      /**< JI_INFLATE_BUFFER_BYTES of inflated body */
+    size_t inflated_off, inflated_len;
 
     /* the answer */
     ji_text_t response;
@@ -82,6 +90,18 @@ static void stop_timers(ji_conn_t *c)
         h2o_timeout_unlink(&c->idle_timer);
 }
 
+static void free_gzip(ji_conn_t *c)
+{
+    if (c->gunzip != NULL) {
+        ji_gunzip_free(c->gunzip);
+        c->gunzip = NULL;
+    }
+    free(c->inflated);
+    c->inflated = NULL;
+    c->inflated_off = c->inflated_len = 0;
+    c->gzip = false;
+}
+
 static void close_conn(ji_conn_t *c)
 {
     stop_timers(c);
@@ -91,6 +111,7 @@ static void close_conn(ji_conn_t *c)
         ji_ingest_free(c->ingest); /* aborts an unfinished request */
         c->ingest = NULL;
     }
+    free_gzip(c);
     ji_text_free(&c->response);
     if (c->sock != NULL) {
         c->sock->data = NULL;
@@ -139,6 +160,7 @@ static void start_next_request(ji_conn_t *c)
     c->content_length = 0;
     c->flush_due = false;
     c->close_after = c->response_pending = false;
+    free_gzip(c);
     memset(&c->params, 0, sizeof(c->params));
     ji_text_free(&c->response);
     arm_idle(c, &c->worker->idle_timeout);
@@ -339,6 +361,108 @@ static const ji_ingest_callbacks_t ingest_callbacks = {on_ingest_resume, on_inge
 
 /* ------------------------------------------------------------------ the streamed body */
 
+/** Body bytes were fed to the ingest: the wire side is done; stop reading and let the ingest commit. */
+static void body_complete(ji_conn_t *c)
+{
+    h2o_socket_read_stop(c->sock);
+    if (h2o_timeout_is_linked(&c->idle_timer))
+        h2o_timeout_unlink(&c->idle_timer);
+    c->state = CONN_FINISHING;
+    ji_ingest_end(c->ingest);
+}
+
+/** The ingest took less than offered (full, or failed): stop reading until it resumes or answers. */
+static void ingest_full(ji_conn_t *c)
+{
+    h2o_socket_read_stop(c->sock);
+    if (h2o_timeout_is_linked(&c->idle_timer))
+        h2o_timeout_unlink(&c->idle_timer);
+}
+
+static void body_failed(ji_conn_t *c, ji_error_t *err)
+{
+    h2o_socket_read_stop(c->sock);
+    ji_ingest_fail(c->ingest, err);
+}
+
+/*
+ * yajl rescans a string that spans the chunks it is fed: feed a good amount at a time unless the body ended
+ * or nothing more came for a moment. Returns true when `have` bytes should wait for more (timer armed).
+ */
+static bool wait_for_more(ji_conn_t *c, size_t have, bool ended)
+{
+    if (ended || have >= JI_FEED_MIN_BYTES || c->flush_due) {
+        c->flush_due = false;
+        if (h2o_timeout_is_linked(&c->flush_timer))
+            h2o_timeout_unlink(&c->flush_timer);
+        return false;
+    }
+    if (have != 0 && !h2o_timeout_is_linked(&c->flush_timer))
+        h2o_timeout_link(c->worker->ctx.loop, &c->worker->feed_flush_timeout, &c->flush_timer);
+    return true;
+}
+
+static void consume_wire(ji_conn_t *c, size_t n)
+{
+    if (n != 0) {
+        h2o_buffer_consume(&c->sock->input, n);
+        ji_body_decoder_consumed(&c->body, n);
+    }
+}
+
+/* Content-Encoding: gzip — wire bytes are inflated into c->inflated, which is fed to the ingest. */
+static void process_gzip(ji_conn_t *c, size_t avail)
+{
+    ji_error_t err;
+
+    for (;;) {
+        bool wire_done;
+        size_t taken;
+
+        if (c->inflated_len < JI_INFLATE_BUFFER_BYTES && avail != 0 && !ji_gunzip_finished(c->gunzip)) {
+            size_t used = 0, out = 0;
+            if (c->inflated_off != 0) {
+                memmove(c->inflated, c->inflated + c->inflated_off, c->inflated_len);
+                c->inflated_off = 0;
+            }
+            if (ji_gunzip_run(c->gunzip, c->sock->input->bytes, avail, &used, c->inflated + c->inflated_len,
+                              JI_INFLATE_BUFFER_BYTES - c->inflated_len, &out, &err) != 0) {
+                body_failed(c, &err);
+                return;
+            }
+            consume_wire(c, used);
+            avail -= used;
+            c->inflated_len += out;
+        }
+        if (ji_gunzip_finished(c->gunzip) && avail != 0) {
+            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
+            body_failed(c, &err);
+            return;
+        }
+        wire_done = ji_body_decoder_done(&c->body);
+        if (wire_done && c->inflated_len == 0) {
+            if (!ji_gunzip_finished(c->gunzip)) {
+                ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
+                body_failed(c, &err);
+                return;
+            }
+            body_complete(c);
+            return;
+        }
+        if (c->inflated_len == 0 ||
+            wait_for_more(c, c->inflated_len, wire_done || c->inflated_len == JI_INFLATE_BUFFER_BYTES))
+            return;
+        taken = ji_ingest_feed(c->ingest, c->inflated + c->inflated_off, c->inflated_len);
+        c->inflated_off += taken;
+        c->inflated_len -= taken;
+        if (c->inflated_len != 0) {
+            ingest_full(c);
+            return;
+        }
+        c->inflated_off = 0;
+    }
+}
+
 static void process_body(ji_conn_t *c)
 {
     h2o_buffer_t *input = c->sock->input;
@@ -348,42 +472,24 @@ static void process_body(ji_conn_t *c)
     if (c->state != CONN_BODY || c->ingest == NULL)
         return;
     if (ji_body_decoder_prepare(&c->body, input->bytes, &buf_len, &avail, &err) != 0) {
-        h2o_socket_read_stop(c->sock);
-        ji_ingest_fail(c->ingest, &err);
+        body_failed(c, &err);
         return;
     }
     input->size = buf_len;
-
-    /* yajl rescans a string that spans the chunks it is fed: wait for a good amount unless the body ended
-     * or nothing more came for a moment */
-    if (!c->body.complete && avail < JI_FEED_MIN_BYTES && !c->flush_due) {
-        if (avail != 0 && !h2o_timeout_is_linked(&c->flush_timer))
-            h2o_timeout_link(c->worker->ctx.loop, &c->worker->feed_flush_timeout, &c->flush_timer);
+    if (c->gunzip != NULL) {
+        process_gzip(c, avail);
         return;
     }
-    c->flush_due = false;
-    if (h2o_timeout_is_linked(&c->flush_timer))
-        h2o_timeout_unlink(&c->flush_timer);
-
+    if (wait_for_more(c, avail, c->body.complete))
+        return;
     taken = avail != 0 ? ji_ingest_feed(c->ingest, input->bytes, avail) : 0;
-    if (taken != 0) {
-        h2o_buffer_consume(&c->sock->input, taken);
-        ji_body_decoder_consumed(&c->body, taken);
-    }
+    consume_wire(c, taken);
     if (taken < avail) {
-        /* the ingest is full (or failed): stop reading until it resumes or answers */
-        h2o_socket_read_stop(c->sock);
-        if (h2o_timeout_is_linked(&c->idle_timer))
-            h2o_timeout_unlink(&c->idle_timer);
+        ingest_full(c);
         return;
     }
-    if (ji_body_decoder_done(&c->body)) {
-        h2o_socket_read_stop(c->sock);
-        if (h2o_timeout_is_linked(&c->idle_timer))
-            h2o_timeout_unlink(&c->idle_timer);
-        c->state = CONN_FINISHING;
-        ji_ingest_end(c->ingest);
-    }
+    if (ji_body_decoder_done(&c->body))
+        body_complete(c);
 }
 
 static void on_read_body(h2o_socket_t *sock, const char *err)
@@ -407,6 +513,11 @@ static void start_stream(ji_conn_t *c)
     else
         ji_body_decoder_init_length(&c->body, c->content_length);
     c->state = CONN_BODY;
+    if (c->gzip && ((c->gunzip = ji_gunzip_new(JI_MAX_INFLATED_BYTES)) == NULL ||
+                    (c->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL)) {
+        respond_error(c, JI_ERR_INTERNAL, 0, "out of memory");
+        return;
+    }
     h2o_socket_read_stop(c->sock); /* nothing is read until the ingest is ready */
     if (h2o_timeout_is_linked(&c->idle_timer))
         h2o_timeout_unlink(&c->idle_timer);
@@ -582,7 +693,9 @@ static void process_head(ji_conn_t *c)
             }
             c->chunked = true;
         } else if (header_is(h, "content-encoding")) {
-            if (!value_is(h, "identity")) {
+            if (value_is(h, "gzip") || value_is(h, "x-gzip")) {
+                c->gzip = true;
+            } else if (!value_is(h, "identity")) {
                 respond_error(c, JI_ERR_UNSUPPORTED, 0, "unsupported Content-Encoding");
                 return;
             }
