@@ -21,6 +21,8 @@
 #define JI_DEFAULT_MAX_RECORD_BYTES (8u * 1024 * 1024)
 /** Default for --max-array-bytes: the largest body of the JSON-array mode. */
 #define JI_DEFAULT_MAX_ARRAY_BYTES (256u * 1024 * 1024)
+/** Default for --max-inflated-bytes: the most one gzip body may inflate to. */
+#define JI_DEFAULT_MAX_INFLATED_BYTES (64ull * 1024 * 1024 * 1024)
 /** yajl rescans a string that spans its input chunks: feed it at least this much at a time. */
 #define JI_FEED_MIN_BYTES (64u * 1024)
 /** Bytes of COPY data gathered before they are handed to libpq. */

@@ -31,9 +31,10 @@ void ji_config_usage(const char *argv0, void *out)
             "  --token-file F            require 'Authorization: Bearer <token>' on POST, token read from F\n"
             "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
             "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
+            "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-            JI_DEFAULT_IDLE_TIMEOUT_S);
+            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
 }
 
 static int parse_size(const char *flag, const char *s, size_t *out)
@@ -83,6 +84,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_TOKEN,
         OPT_MAX_INGESTS,
         OPT_IDLE_TIMEOUT,
+        OPT_MAX_INFLATED,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -96,6 +98,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"token-file", required_argument, NULL, OPT_TOKEN},
         {"max-ingests", required_argument, NULL, OPT_MAX_INGESTS},
         {"idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT},
+        {"max-inflated-bytes", required_argument, NULL, OPT_MAX_INFLATED},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -115,6 +118,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->fsync = true;
     cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
     cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
+    cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -150,6 +154,13 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             if (parse_size("--max-record-bytes", optarg, &cfg->max_record_bytes) != 0)
                 return -1;
             break;
+        case OPT_MAX_INFLATED: {
+            size_t n;
+            if (parse_size("--max-inflated-bytes", optarg, &n) != 0)
+                return -1;
+            cfg->max_inflated_bytes = n;
+            break;
+        }
         case OPT_MAX_ARRAY:
             if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
                 return -1;
@@ -159,6 +170,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
                 cfg->fsync = true;
     cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
     cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
+    cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
             } else if (strcmp(optarg, "off") == 0) {
                 cfg->fsync = false;
             } else {

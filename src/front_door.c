@@ -513,7 +513,7 @@ static void start_stream(ji_conn_t *c)
     else
         ji_body_decoder_init_length(&c->body, c->content_length);
     c->state = CONN_BODY;
-    if (c->gzip && ((c->gunzip = ji_gunzip_new(JI_MAX_INFLATED_BYTES)) == NULL ||
+    if (c->gzip && ((c->gunzip = ji_gunzip_new(c->worker->server->config->max_inflated_bytes)) == NULL ||
                     (c->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL)) {
         respond_error(c, JI_ERR_INTERNAL, 0, "out of memory");
         return;
