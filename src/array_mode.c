@@ -14,6 +14,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "escape_scan.h"
+#include "gunzip.h"
 #include "response.h"
 #include "utf8.h"
 
@@ -230,6 +231,55 @@ static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, 
 
 static const ji_ingest_callbacks_t array_callbacks = {on_resume, on_done};
 
+/** Inflates a gzip entity whole (this mode buffers everything anyway) into a NUL-terminated text. */
+static int inflate_entity(h2o_req_t *req, size_t max, char **text, size_t *text_len, ji_error_t *err)
+{
+    ji_gunzip_t *g = ji_gunzip_new(max + 1);
+    size_t cap = 1 << 20, len = 0, off = 0, used, out;
+    char *buf = malloc(cap + 1), *bigger;
+
+    if (g == NULL || buf == NULL)
+        goto NoMemory;
+    while (!ji_gunzip_finished(g)) {
+        if (off == req->entity.len) {
+            ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
+            goto Error;
+        }
+        if (len == cap) {
+            if (cap > max)
+                break; /* the cap of the inflater reports it */
+            if ((bigger = realloc(buf, cap * 2 + 1)) == NULL)
+                goto NoMemory;
+            buf = bigger;
+            cap *= 2;
+        }
+        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) != 0)
+            goto Error;
+        off += used;
+        len += out;
+    }
+    if (len > max) {
+        ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "inflated body is larger than --max-array-bytes (%zu bytes)", max);
+        goto Error;
+    }
+    if (off != req->entity.len) {
+        ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
+        goto Error;
+    }
+    ji_gunzip_free(g);
+    buf[len] = '\0';
+    *text = buf;
+    *text_len = len;
+    return 0;
+NoMemory:
+    ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+Error:
+    if (g != NULL)
+        ji_gunzip_free(g);
+    free(buf);
+    return -1;
+}
+
 int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params)
 {
     array_req_t *a = h2o_mem_alloc_shared(&req->pool, sizeof(*a), array_dispose);
@@ -237,8 +287,24 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
     ji_error_t err;
     size_t len = req->entity.len;
 
+    ssize_t ce = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_ENCODING, -1);
+
     memset(a, 0, sizeof(*a));
     a->req = req;
+    if (ce != -1 && !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len,
+                                 H2O_STRLIT("identity"))) {
+        h2o_iovec_t v = req->headers.entries[ce].value;
+        if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
+            ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "unsupported Content-Encoding");
+            send_error(req, &err);
+            return 0;
+        }
+        if (inflate_entity(req, w->server->config->max_array_bytes, &a->text, &len, &err) != 0) {
+            send_error(req, &err);
+            return 0;
+        }
+        goto Parse;
+    }
     if (len > w->server->config->max_array_bytes) {
         ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
                      w->server->config->max_array_bytes);
@@ -252,6 +318,7 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
     }
     memcpy(a->text, req->entity.base, len);
     a->text[len] = '\0';
+Parse:
     if (check_text(a->text, len, &err) != 0) {
         send_error(req, &err);
         return 0;

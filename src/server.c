@@ -21,6 +21,7 @@
 
 #include "array_mode.h"
 #include "front_door.h"
+#include "gunzip.h"
 #include "reads.h"
 #include "ingest.h"
 #include "request_options.h"
@@ -95,14 +96,60 @@ static int on_not_found(h2o_handler_t *self, h2o_req_t *req)
 typedef struct st_buffered_ingest_t {
     h2o_req_t *req;
     ji_ingest_t *ingest;
-    size_t offset;
+    size_t offset;       /**< entity bytes used */
+    ji_gunzip_t *gunzip; /**< Content-Encoding: gzip */
+    char *inflated;      /**< JI_FEED_MIN_BYTES of inflated body not yet fed */
+    size_t inflated_off, inflated_len;
 } buffered_ingest_t;
+
+/** Inflates and feeds a gzip entity piece by piece (memory stays bounded even here). */
+static void buffered_resume_gzip(buffered_ingest_t *b, ji_ingest_t *in)
+{
+    size_t len = b->req->entity.len, used, out, taken;
+    ji_error_t err;
+
+    for (;;) {
+        if (b->inflated_len != 0) {
+            taken = ji_ingest_feed(in, b->inflated + b->inflated_off, b->inflated_len);
+            b->inflated_off += taken;
+            b->inflated_len -= taken;
+            if (b->inflated_len != 0)
+                return; /* full: resume comes again */
+        }
+        if (ji_gunzip_finished(b->gunzip)) {
+            if (b->offset == len) {
+                ji_ingest_end(in);
+                return;
+            }
+            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
+            ji_ingest_fail(in, &err);
+            return;
+        }
+        if (b->offset == len) {
+            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
+            ji_ingest_fail(in, &err);
+            return;
+        }
+        if (ji_gunzip_run(b->gunzip, b->req->entity.base + b->offset, len - b->offset, &used, b->inflated,
+                          JI_FEED_MIN_BYTES, &out, &err) != 0) {
+            ji_ingest_fail(in, &err);
+            return;
+        }
+        b->offset += used;
+        b->inflated_off = 0;
+        b->inflated_len = out;
+    }
+}
 
 static void buffered_resume(ji_ingest_t *in, void *owner)
 {
     buffered_ingest_t *b = owner;
     size_t len = b->req->entity.len;
 
+    if (b->gunzip != NULL) {
+        buffered_resume_gzip(b, in);
+        return;
+    }
     b->offset += ji_ingest_feed(in, b->req->entity.base + b->offset, len - b->offset);
     if (b->offset == len)
         ji_ingest_end(in);
@@ -132,6 +179,9 @@ static void buffered_dispose(void *p)
     buffered_ingest_t *b = p;
     if (b->ingest != NULL)
         ji_ingest_free(b->ingest); /* the client went away: abort */
+    if (b->gunzip != NULL)
+        ji_gunzip_free(b->gunzip);
+    free(b->inflated);
 }
 
 static int on_users(h2o_handler_t *self, h2o_req_t *req)
@@ -188,6 +238,19 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     b = h2o_mem_alloc_shared(&req->pool, sizeof(*b), buffered_dispose);
     memset(b, 0, sizeof(*b));
     b->req = req;
+    if ((ct = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_ENCODING, -1)) != -1) {
+        h2o_iovec_t v = req->headers.entries[ct].value;
+        if (h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) || h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
+            if ((b->gunzip = ji_gunzip_new(w->server->config->max_inflated_bytes)) == NULL ||
+                (b->inflated = malloc(JI_FEED_MIN_BYTES)) == NULL) {
+                send_error(req, 500, "Internal Server Error", "out of memory");
+                return 0;
+            }
+        } else if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("identity"))) {
+            send_error(req, 415, "Unsupported Media Type", "unsupported Content-Encoding");
+            return 0;
+        }
+    }
     if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
         send_error(req, 500, "Internal Server Error", "out of memory");
     return 0;
@@ -446,7 +509,7 @@ int ji_server_run(const ji_config_t *config)
     ji_server_t server = {.config = config};
     ji_worker_t *workers = NULL;
     pthread_t *threads = NULL, signal_thread, retry_thread;
-    bool retrying = false, signals = false;
+    bool retrying = false;
     unsigned i, started = 0, initialized = 0;
     sigset_t stop_signals;
     ji_error_t err;
@@ -470,7 +533,6 @@ int ji_server_run(const ji_config_t *config)
     if (pthread_create(&signal_thread, NULL, signal_run, &server) != 0)
         goto Exit;
     pthread_detach(signal_thread);
-    signals = true;
 
     if (prepare_storage(&server, false) == 0) {
         atomic_store(&server.db_ready, true);
@@ -515,7 +577,6 @@ Exit:
         worker_dispose(&workers[i]);
     free(threads);
     free(workers);
-    (void)signals;
     h2o_config_dispose(&server.h2o_config);
     ji_image_store_close(&server.images);
     free(server.token);
