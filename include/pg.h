@@ -47,7 +47,7 @@ void ji_pg_pool_free(ji_pg_pool_t *pool);
 ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx);
 /** Gives `pg` back: kept idle when healthy, out of any transaction and the pool has room; freed otherwise. */
 void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg);
-/** Counters for /metrics. */
+/** Counters for /metrics: callable from any thread (relaxed atomic loads; each value exact, not a snapshot). */
 size_t ji_pg_pool_idle(const ji_pg_pool_t *pool);
 size_t ji_pg_pool_busy(const ji_pg_pool_t *pool);
 

@@ -618,6 +618,19 @@ static void decide_format(ji_conn_t *c)
         start_stream(c);
 }
 
+/** Whether the (possibly partial) head holds more header lines than JI_MAX_HEADERS. */
+static bool too_many_headers(const char *buf, size_t len)
+{
+    size_t lines = 0;
+
+    for (const char *p = buf, *end = buf + len; p < end && (p = memchr(p, '\n', end - p)) != NULL; p++) {
+        if (p + 1 < end && (p[1] == '\n' || (p[1] == '\r' && p + 2 < end && p[2] == '\n')))
+            break; /* the blank line: the head ended */
+        lines++;
+    }
+    return lines > JI_MAX_HEADERS + 1; /* the request line is one of them */
+}
+
 static void process_head(ji_conn_t *c)
 {
     const char *method, *path;
@@ -638,12 +651,18 @@ static void process_head(ji_conn_t *c)
     }
     r = phr_parse_request(c->sock->input->bytes, c->sock->input->size, &method, &method_len, &path, &path_len,
                           &minor, headers, &num_headers, 0);
-    if (r == -2) {
-        if (c->sock->input->size >= JI_MAX_HEAD_BYTES)
-            respond_error(c, JI_ERR_MALFORMED, 431, "request head is larger than JI_MAX_HEAD_BYTES (16384 bytes)");
+    if ((r == -2 && c->sock->input->size >= JI_MAX_HEAD_BYTES) || r > (int)JI_MAX_HEAD_BYTES) {
+        respond_error(c, JI_ERR_MALFORMED, 431, "request head is larger than JI_MAX_HEAD_BYTES (16384 bytes)");
         return;
     }
+    if (r == -2)
+        return;
     if (r == -1) {
+        /* picohttpparser says -1 for more headers than it was given room for, too */
+        if (too_many_headers(c->sock->input->bytes, c->sock->input->size)) {
+            respond_error(c, JI_ERR_MALFORMED, 431, "request head has more than JI_MAX_HEADERS (64) headers");
+            return;
+        }
         /* h2o answers malformed requests its own way */
         hand_to_h2o(c);
         return;

@@ -26,6 +26,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,8 +56,9 @@ struct st_ji_pg_pool_t {
     h2o_loop_t *loop;
     char *conninfo;
     size_t max_idle;
-    size_t idle_count;
-    size_t busy_count;
+    /* Written by the pool's own thread only; atomic so that /metrics may read them from any thread. */
+    _Atomic size_t idle_count;
+    _Atomic size_t busy_count;
     h2o_linklist_t idle;           /**< most recently used first */
     h2o_timeout_t zero_timeout;    /**< "later, from the loop" */
     h2o_timeout_t connect_timeout; /**< connect_timeout_ms */
@@ -750,12 +752,12 @@ void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg)
 
 size_t ji_pg_pool_idle(const ji_pg_pool_t *pool)
 {
-    return pool->idle_count;
+    return atomic_load_explicit(&pool->idle_count, memory_order_relaxed);
 }
 
 size_t ji_pg_pool_busy(const ji_pg_pool_t *pool)
 {
-    return pool->busy_count;
+    return atomic_load_explicit(&pool->busy_count, memory_order_relaxed);
 }
 
 /* ---- one connection ---- */

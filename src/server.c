@@ -385,7 +385,9 @@ static void *worker_run(void *arg)
             w->listener = NULL;
             stop_deadline = h2o_now(w->ctx.loop) + JI_STOP_GRACE_MS;
         }
-        if (atomic_load_explicit(&w->stats.ingests_in_flight, memory_order_relaxed) == 0)
+        /* reads start no database work once stopping; wait for theirs too (ji_pg_pool_free wants none busy) */
+        if (atomic_load_explicit(&w->stats.ingests_in_flight, memory_order_relaxed) == 0 &&
+            ji_pg_pool_busy(w->pg_pool) == 0)
             break;
         if (h2o_now(w->ctx.loop) >= stop_deadline) {
             fprintf(stderr, "stopping with %llu requests still in flight (their files are removed at next start)\n",
