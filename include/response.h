@@ -22,6 +22,9 @@ void ji_text_printf(ji_text_t *t, const char *fmt, ...) JI_PRINTF(2, 3);
 void ji_text_json_string(ji_text_t *t, const char *s, size_t len);
 void ji_text_free(ji_text_t *t);
 
+/** The reason phrase of an HTTP status ("Unprocessable Entity"). */
+const char *ji_http_reason(int status);
+
 /** `{"error":...,"line":N,"field":...}` plus a newline (line and field only when set). */
 void ji_response_error_json(ji_text_t *t, const ji_error_t *err);
 

@@ -15,6 +15,7 @@
 
 #include "escape_scan.h"
 #include "gunzip.h"
+#include "reply.h"
 #include "response.h"
 #include "utf8.h"
 
@@ -35,29 +36,6 @@ static void array_dispose(void *p)
     if (a->root != NULL)
         yajl_tree_free(a->root);
     free(a->text);
-}
-
-static void send_answer(h2o_req_t *req, int status, const char *body, size_t len, unsigned retry_after)
-{
-    req->res.status = status;
-    req->res.reason = status == 200 ? "OK" : "Error";
-    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, H2O_STRLIT("application/json"));
-    if (retry_after != 0) {
-        char *v = h2o_mem_alloc_pool(&req->pool, 16);
-        int n = snprintf(v, 16, "%u", retry_after);
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_RETRY_AFTER, NULL, v, (size_t)n);
-    }
-    h2o_send_inline(req, body, len);
-}
-
-static void send_error(h2o_req_t *req, const ji_error_t *err)
-{
-    ji_text_t t = {0};
-
-    ji_response_error_json(&t, err);
-    send_answer(req, ji_error_http_status(err->kind), t.base != NULL ? t.base : "{}\n", t.base != NULL ? t.len : 3,
-                0);
-    ji_text_free(&t);
 }
 
 /**
@@ -226,7 +204,7 @@ static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, 
     a->root = NULL;
     free(a->text);
     a->text = NULL;
-    send_answer(a->req, status, copy.base, copy.len, retry_after);
+    ji_reply_json(a->req, status, copy.base, copy.len, retry_after);
 }
 
 static const ji_ingest_callbacks_t array_callbacks = {on_resume, on_done};
@@ -296,11 +274,11 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
         h2o_iovec_t v = req->headers.entries[ce].value;
         if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
             ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "unsupported Content-Encoding");
-            send_error(req, &err);
+            ji_reply_error(req, &err, 0);
             return 0;
         }
         if (inflate_entity(req, w->server->config->max_array_bytes, &a->text, &len, &err) != 0) {
-            send_error(req, &err);
+            ji_reply_error(req, &err, 0);
             return 0;
         }
         goto Parse;
@@ -308,24 +286,24 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
     if (len > w->server->config->max_array_bytes) {
         ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
                      w->server->config->max_array_bytes);
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     if ((a->text = malloc(len + 1)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     memcpy(a->text, req->entity.base, len);
     a->text[len] = '\0';
 Parse:
     if (check_text(a->text, len, &err) != 0) {
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     if (memchr(a->text, '\0', len) != NULL) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "NUL byte in the body");
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     if ((a->root = yajl_tree_parse(a->text, yajl_error, sizeof(yajl_error))) == NULL) {
@@ -333,19 +311,19 @@ Parse:
         if (nl != NULL)
             *nl = '\0';
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "%s", yajl_error[0] ? yajl_error : "malformed JSON");
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     if (!YAJL_IS_ARRAY(a->root)) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "expected a JSON array of records");
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
         return 0;
     }
     free(a->text); /* the tree holds its own copies of the strings */
     a->text = NULL;
     if ((a->ingest = ji_ingest_new(w, params, &array_callbacks, a)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        send_error(req, &err);
+        ji_reply_error(req, &err, 0);
     }
     return 0;
 }

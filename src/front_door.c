@@ -219,25 +219,6 @@ static void send_response(ji_conn_t *c)
     h2o_socket_write(c->sock, &buf, 1, on_response_written);
 }
 
-static const char *reason_of(int status)
-{
-    switch (status) {
-    case 200: return "OK";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 411: return "Length Required";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 417: return "Expectation Failed";
-    case 422: return "Unprocessable Entity";
-    case 431: return "Request Header Fields Too Large";
-    case 501: return "Not Implemented";
-    case 503: return "Service Unavailable";
-    case 507: return "Insufficient Storage";
-    default: return "Internal Server Error";
-    }
-}
-
 /** Prepares the whole answer in c->response. 0, or -1 when out of memory. */
 static int build_response(ji_conn_t *c, int status, const char *body, size_t len, unsigned retry_after,
                           const char *extra_headers)
@@ -247,7 +228,7 @@ static int build_response(ji_conn_t *c, int status, const char *body, size_t len
     ji_text_free(t);
     c->close_after = status != 200 || !c->keep_alive;
     ji_text_printf(t, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n", status,
-                   reason_of(status), len);
+                   ji_http_reason(status), len);
     if (retry_after != 0)
         ji_text_printf(t, "Retry-After: %u\r\n", retry_after);
     if (extra_headers != NULL)

@@ -20,6 +20,7 @@
  * two pages, whatever the table size.
  */
 #include "reads.h"
+#include "reply.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -47,13 +48,6 @@ static const char SQL_PING[] = "SELECT 1";
 static const char CSV_HEADER[] = "user_id,name,email,image_url,image_type,image_size,batch_id,created_at\r\n";
 
 /* ------------------------------------------------------------------ answers */
-
-static void add_retry_after(h2o_req_t *req, unsigned seconds)
-{
-    char *v = h2o_mem_alloc_pool(&req->pool, 16);
-    int n = snprintf(v, 16, "%u", seconds);
-    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_RETRY_AFTER, NULL, v, (size_t)n);
-}
 
 /** A complete answer with a body (copied). May dispose the request: the caller's last action. */
 static void send_body(h2o_req_t *req, int status, const char *reason, const char *type, const char *body, size_t len)
@@ -92,7 +86,7 @@ static void send_error(h2o_req_t *req, int status, const char *reason, const cha
     ji_text_json_string(&t, msg, strlen(msg));
     ji_text_append(&t, "}\n", 2);
     if (status == 503)
-        add_retry_after(req, JI_READS_RETRY_AFTER_S);
+        ji_reply_add_retry_after(req, JI_READS_RETRY_AFTER_S);
     send_text(req, status, reason, "application/json", &t);
 }
 
@@ -870,7 +864,7 @@ static void send_not_ready(h2o_req_t *req, const char *status, const char *why)
     APPEND_LIT(&t, ",\"error\":");
     ji_text_json_string(&t, why, strlen(why));
     APPEND_LIT(&t, "}\n");
-    add_retry_after(req, JI_READS_RETRY_AFTER_S);
+    ji_reply_add_retry_after(req, JI_READS_RETRY_AFTER_S);
     send_text(req, 503, "Service Unavailable", "application/json", &t);
 }
 

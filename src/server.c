@@ -25,6 +25,7 @@
 #include "reads.h"
 #include "ingest.h"
 #include "request_options.h"
+#include "reply.h"
 #include "response.h"
 #include "schema.h"
 
@@ -53,39 +54,20 @@ static h2o_pathconf_t *register_handler(h2o_hostconf_t *host, const char *path, 
     return pathconf;
 }
 
-static void send_json(h2o_req_t *req, int status, const char *reason, const char *body, size_t len)
-{
-    req->res.status = status;
-    req->res.reason = reason;
-    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, H2O_STRLIT("application/json"));
-    h2o_send_inline(req, body, len);
-}
-
-static void send_error(h2o_req_t *req, int status, const char *reason, const char *message)
-{
-    ji_error_t err;
-    ji_text_t t = {0};
-
-    ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "%s", message);
-    ji_response_error_json(&t, &err);
-    send_json(req, status, reason, t.base != NULL ? t.base : "{}\n", t.base != NULL ? t.len : 3);
-    ji_text_free(&t);
-}
-
 static int on_healthz(h2o_handler_t *self, h2o_req_t *req)
 {
     (void)self;
     if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("GET")) &&
         !h2o_memis(req->method.base, req->method.len, H2O_STRLIT("HEAD")))
         return -1;
-    send_json(req, 200, "OK", H2O_STRLIT("{\"status\":\"ok\"}\n"));
+    ji_reply_json(req, 200, H2O_STRLIT("{\"status\":\"ok\"}\n"), 0);
     return 0;
 }
 
 static int on_not_found(h2o_handler_t *self, h2o_req_t *req)
 {
     (void)self;
-    send_error(req, 404, "Not Found", "no such route");
+    ji_reply_message(req, 404, "no such route");
     return 0;
 }
 
@@ -164,12 +146,7 @@ static void buffered_done(ji_ingest_t *in, void *owner, int status, const char *
 
     b->ingest = NULL;
     ji_ingest_free(in);
-    if (retry_after != 0) {
-        char *v = h2o_mem_alloc_pool(&req->pool, 16);
-        int n = snprintf(v, 16, "%u", retry_after);
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_RETRY_AFTER, NULL, v, (size_t)n);
-    }
-    send_json(req, status, status == 200 ? "OK" : "Error", copy.base, copy.len);
+    ji_reply_json(req, status, copy.base, copy.len, retry_after);
 }
 
 static const ji_ingest_callbacks_t buffered_callbacks = {buffered_resume, buffered_done};
@@ -200,13 +177,13 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     if (!ji_server_authorized(w->server, ct != -1 ? req->headers.entries[ct].value.base : NULL,
                               ct != -1 ? req->headers.entries[ct].value.len : 0)) {
         h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_WWW_AUTHENTICATE, NULL, H2O_STRLIT("Bearer"));
-        send_error(req, 401, "Unauthorized", "missing or invalid bearer token");
+        ji_reply_message(req, 401, "missing or invalid bearer token");
         return 0;
     }
     if ((ct = h2o_find_header_by_str(&req->headers, H2O_STRLIT("idempotency-key"), -1)) != -1) {
         h2o_iovec_t v = req->headers.entries[ct].value;
         if (v.len == 0 || v.len > 255) {
-            send_error(req, 400, "Bad Request", "Idempotency-Key must be 1 to 255 bytes");
+            ji_reply_message(req, 400, "Idempotency-Key must be 1 to 255 bytes");
             return 0;
         }
         params.idempotency_key = h2o_strdup(&req->pool, v.base, v.len).base;
@@ -214,7 +191,7 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
-            send_error(req, ji_error_http_status(err.kind), "Error", err.message);
+            ji_reply_error(req, &err, 0);
             return 0;
         }
     } else {
@@ -243,16 +220,16 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
         if (h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) || h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
             if ((b->gunzip = ji_gunzip_new(w->server->config->max_inflated_bytes)) == NULL ||
                 (b->inflated = malloc(JI_FEED_MIN_BYTES)) == NULL) {
-                send_error(req, 500, "Internal Server Error", "out of memory");
+                ji_reply_message(req, 500, "out of memory");
                 return 0;
             }
         } else if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("identity"))) {
-            send_error(req, 415, "Unsupported Media Type", "unsupported Content-Encoding");
+            ji_reply_message(req, 415, "unsupported Content-Encoding");
             return 0;
         }
     }
     if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
-        send_error(req, 500, "Internal Server Error", "out of memory");
+        ji_reply_message(req, 500, "out of memory");
     return 0;
 }
 

@@ -1,0 +1,24 @@
+/*
+ * reply.h — JSON answers from h2o handlers (the buffered POST /users path,
+ * the JSON-array mode, the read side): status with its reason phrase,
+ * Content-Type, Retry-After, and the error object of response.h.
+ */
+#ifndef JI_REPLY_H
+#define JI_REPLY_H
+
+#include <h2o.h>
+#include "common.h"
+
+/** Adds `Retry-After: <seconds>` to the answer. */
+void ji_reply_add_retry_after(h2o_req_t *req, unsigned seconds);
+
+/** Sends a JSON body (copied) with `status`; Retry-After when `retry_after` is not 0. */
+void ji_reply_json(h2o_req_t *req, int status, const char *body, size_t len, unsigned retry_after);
+
+/** Sends `{"error":...,"line":...,"field":...}` with the status of err->kind, or `status` when not 0. */
+void ji_reply_error(h2o_req_t *req, const ji_error_t *err, int status);
+
+/** Sends `{"error":"<message>"}` with `status`. */
+void ji_reply_message(h2o_req_t *req, int status, const char *message);
+
+#endif
