@@ -231,8 +231,12 @@ static int inflate_entity(h2o_req_t *req, size_t max, char **text, size_t *text_
             buf = bigger;
             cap *= 2;
         }
-        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) != 0)
+        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) != 0) {
+            if (err->kind == JI_ERR_TOO_LARGE)
+                ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
+                             "inflated body is larger than --max-array-bytes (%zu bytes)", max);
             goto Error;
+        }
         off += used;
         len += out;
     }

@@ -400,7 +400,10 @@ static void process_gzip(ji_conn_t *c, size_t avail)
         bool wire_done;
         size_t taken;
 
-        if (c->inflated_len < JI_INFLATE_BUFFER_BYTES && avail != 0 && !ji_gunzip_finished(c->gunzip)) {
+        bool ran = false;
+
+        /* a finished inflater still takes a further gzip member (multi-member bodies, any read boundary) */
+        if (c->inflated_len < JI_INFLATE_BUFFER_BYTES && avail != 0) {
             size_t used = 0, out = 0;
             if (c->inflated_off != 0) {
                 memmove(c->inflated, c->inflated + c->inflated_off, c->inflated_len);
@@ -414,8 +417,9 @@ static void process_gzip(ji_conn_t *c, size_t avail)
             consume_wire(c, used);
             avail -= used;
             c->inflated_len += out;
+            ran = true;
         }
-        if (ji_gunzip_finished(c->gunzip) && avail != 0) {
+        if (ran && ji_gunzip_finished(c->gunzip) && avail != 0) {
             ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
             body_failed(c, &err);
             return;

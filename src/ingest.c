@@ -349,7 +349,8 @@ static void skip_long_line(ji_ingest_t *in)
 
     too_long_error(in, &err);
     forget_line_image(in);
-    remember_error(in, &err);
+    if (!in->line_failed) /* a line that failed already was reported once */
+        remember_error(in, &err);
     atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
     in->line_failed = false;
     if (ji_record_parser_reset(in->parser) != 0) {

@@ -155,6 +155,18 @@ def start_server(request, db, images_dir, tmp_path):
     yield start
     for srv in servers:
         srv.stop()
+    # sanitizer builds (scripts/test runs the suite again against build-asan/): a report fails the test
+    reports = []
+    for srv in servers:
+        try:
+            with open(srv.log_path, "rb") as f:
+                log = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if re.search(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:", log):
+            reports.append(f"---- {srv.log_path}\n{log[-6000:]}")
+    if reports:
+        pytest.fail("sanitizer report in the server log:\n" + "\n".join(reports), pytrace=False)
 
 
 @pytest.fixture

@@ -368,6 +368,23 @@ def test_gzip_valid_corrupt_too_large_and_trailing_bytes(start_server, db, tmp_p
     check_committed(db, srv.images_dir, good)
 
 
+def test_gzip_two_members_in_separate_writes(server, db, tmp_path):
+    """A multi-member gzip body (cat a.gz b.gz) is one body, whatever the read boundaries."""
+    first, second = records("gm1", 3, image_bytes=2000), records("gm2", 2, image_bytes=2000)
+    a, b = helpers.gzip_bytes(body_of(first)), helpers.gzip_bytes(body_of(second))
+    up = Upload(server, length=len(a) + len(b), headers=["Content-Encoding: gzip"])
+    try:
+        assert up.send(a)
+        time.sleep(0.3)  # the first member is inflated and fed before the second arrives
+        assert up.send(b)
+        res = up.response()
+    finally:
+        up.close()
+    assert res.status == 200, res.body
+    assert res.json()["inserted"] == 5
+    check_committed(db, server.images_dir, first + second)
+
+
 # ------------------------------------------------------------------ 6. --token-file
 def test_token_file_401_from_the_head_and_200_with_the_token(start_server, db, tmp_path):
     token = "s3cr3t-T0ken_value"

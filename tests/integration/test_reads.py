@@ -264,6 +264,7 @@ def test_export_csv_quoting(server, db, tmp_path):
 
 
 # ------------------------------------------------------------------ memory and clients that go away
+@pytest.mark.memory
 @pytest.mark.timeout(180)
 def test_export_memory_stays_bounded(server, db, tmp_path, figures):
     """A ~60 MB export (40 000 rows of 1.3 KB) in both formats: the server's peak RSS stays far below the size
