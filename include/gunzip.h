@@ -17,9 +17,6 @@
 
 #include "common.h"
 
-/** Most bytes one gzip body may inflate to. */
-#define JI_MAX_INFLATED_BYTES (64ull * 1024 * 1024 * 1024)
-
 typedef struct st_ji_gunzip_t ji_gunzip_t;
 
 /** A new inflater for one body (gzip wrapper required), capped at `max_inflated` bytes. NULL when out of memory. */

@@ -168,9 +168,6 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_FSYNC:
             if (strcmp(optarg, "on") == 0) {
                 cfg->fsync = true;
-    cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
-    cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
-    cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
             } else if (strcmp(optarg, "off") == 0) {
                 cfg->fsync = false;
             } else {

@@ -44,6 +44,19 @@ static void test_flags(void)
     CHECK_EQ_STR(cfg.token_file, "/tmp/t");
 }
 
+static void test_limits_survive_later_flags(void)
+{
+    const char *argv[] = {"jsonl-ingest", "--max-ingests", "3", "--idle-timeout", "7", "--max-inflated-bytes", "999",
+                          "--fsync", "on", "--fsync", "off", NULL};
+    ji_config_t cfg;
+
+    CHECK_EQ_INT(parse(&cfg, 11, argv), 0);
+    CHECK_EQ_INT(cfg.max_ingests, 3);
+    CHECK_EQ_INT(cfg.idle_timeout_ms, 7000);
+    CHECK_EQ_INT(cfg.max_inflated_bytes, 999);
+    CHECK(!cfg.fsync);
+}
+
 static void test_env_db_and_gc(void)
 {
     const char *argv[] = {"jsonl-ingest", "gc", "--images-dir", "x", NULL};
@@ -74,5 +87,5 @@ static void test_rejects(void)
     CHECK_EQ_INT(parse(&cfg, 2, extra), -1);
 }
 
-UNIT_MAIN("config", {"defaults", test_defaults}, {"flags", test_flags}, {"env_db_and_gc", test_env_db_and_gc},
+UNIT_MAIN("config", {"defaults", test_defaults}, {"flags", test_flags}, {"limits_survive_later_flags", test_limits_survive_later_flags}, {"env_db_and_gc", test_env_db_and_gc},
           {"rejects", test_rejects})

@@ -186,7 +186,7 @@ static void test_small_every_cut(void)
     for (size_t o = 0; o < sizeof(outs) / sizeof(outs[0]); o++) {
         for (size_t cut = 0; cut <= gz.len; cut++) {
             size_t cuts[2] = {cut, gz.len};
-            done_t d = run_pieces(gz.p, gz.len, cuts, 2, 0, outs[o], JI_MAX_INFLATED_BYTES, &r);
+            done_t d = run_pieces(gz.p, gz.len, cuts, 2, 0, outs[o], JI_DEFAULT_MAX_INFLATED_BYTES, &r);
             wrong += d != DONE_OK || !same(&r, data, n);
             unfinished += !r.finished;
             broken += r.bad || r.max_out_call > outs[o];
@@ -198,7 +198,7 @@ static void test_small_every_cut(void)
     CHECK_EQ_INT(broken, 0);
 
     /* every byte on its own */
-    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 1, 1, JI_MAX_INFLATED_BYTES, &r), DONE_OK);
+    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 1, 1, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
     CHECK(same(&r, data, n));
     CHECK(r.finished);
     CHECK(!r.bad);
@@ -218,19 +218,19 @@ static void test_big_random_pieces(void)
     gzip_member(&gz, data, n, 1, false);
     for (int round = 0; round < 4; round++) {
         size_t max_piece = round == 0 ? 1 : round == 1 ? 100 : round == 2 ? 10000 : 1000000;
-        CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, max_piece, 64 * 1024, JI_MAX_INFLATED_BYTES, &r), DONE_OK);
+        CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, max_piece, 64 * 1024, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
         CHECK(same(&r, data, n));
         CHECK(r.finished);
         CHECK(!r.bad);
         result_free(&r);
     }
-    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 5000, 1 + rng() % 3000, JI_MAX_INFLATED_BYTES, &r), DONE_OK);
+    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 5000, 1 + rng() % 3000, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
     CHECK(same(&r, data, n));
     result_free(&r);
 
     /* 1-byte output costs one zlib call per byte: a smaller body */
     gzip_member(&gz_small, data, small, 9, false);
-    CHECK_EQ_INT(run_pieces(gz_small.p, gz_small.len, NULL, 0, 3000, 1, JI_MAX_INFLATED_BYTES, &r), DONE_OK);
+    CHECK_EQ_INT(run_pieces(gz_small.p, gz_small.len, NULL, 0, 3000, 1, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
     CHECK(same(&r, data, small));
     CHECK(r.finished);
     CHECK_EQ_INT(r.max_out_call, 1);
@@ -252,7 +252,7 @@ static void test_truncated(void)
     gzip_member(&gz, data, n, 6, true);
     for (size_t len = 0; len < gz.len; len++) {
         size_t cuts[1] = {len};
-        done_t d = run_pieces(gz.p, len, cuts, 1, 0, 512, JI_MAX_INFLATED_BYTES, &r);
+        done_t d = run_pieces(gz.p, len, cuts, 1, 0, 512, JI_DEFAULT_MAX_INFLATED_BYTES, &r);
         bad += d != DONE_OK || r.finished || r.bad || r.out.len > n ||
                (r.out.len > 0 && memcmp(r.out.p, data, r.out.len) != 0);
         result_free(&r);
@@ -277,7 +277,7 @@ static void test_corrupt(void)
         size_t cuts[1] = {gz.len};
         done_t d;
         gz.p[i] ^= 0x01; /* the lowest bit of a deflate byte is always read */
-        d = run_pieces(gz.p, gz.len, cuts, 1, 0, 4096, JI_MAX_INFLATED_BYTES, &r);
+        d = run_pieces(gz.p, gz.len, cuts, 1, 0, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r);
         gz.p[i] ^= 0x01;
         undetected += d != DONE_ERROR;
         wrong_kind += d == DONE_ERROR && (r.err.kind != JI_ERR_MALFORMED ||
@@ -296,13 +296,13 @@ static void test_corrupt(void)
         size_t cuts[1];
         CHECK_EQ_INT(compress2(zl, &zl_len, (const Bytef *)json, sizeof(json) - 1, 6), Z_OK);
         cuts[0] = zl_len;
-        CHECK_EQ_INT(run_pieces(zl, zl_len, cuts, 1, 0, 100, JI_MAX_INFLATED_BYTES, &r), DONE_ERROR);
+        CHECK_EQ_INT(run_pieces(zl, zl_len, cuts, 1, 0, 100, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_ERROR);
         CHECK_EQ_INT(r.err.kind, JI_ERR_MALFORMED);
         CHECK_EQ_STR(r.err.message, "corrupt gzip body: incorrect header check");
         result_free(&r);
         cuts[0] = sizeof(json) - 1;
         CHECK_EQ_INT(run_pieces((const unsigned char *)json, sizeof(json) - 1, cuts, 1, 0, 100,
-                                JI_MAX_INFLATED_BYTES, &r), DONE_ERROR);
+                                JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_ERROR);
         CHECK_EQ_STR(r.err.message, "corrupt gzip body: incorrect header check");
         CHECK_EQ_INT(r.err.line, 0);
         result_free(&r);
@@ -395,7 +395,7 @@ static void test_multi_member(void)
 
     for (size_t cut = 0; cut <= gz.len; cut++) {
         size_t cuts[2] = {cut, gz.len};
-        done_t d = run_pieces(gz.p, gz.len, cuts, 2, 0, cut % 2 ? 1 : 4096, JI_MAX_INFLATED_BYTES, &r);
+        done_t d = run_pieces(gz.p, gz.len, cuts, 2, 0, cut % 2 ? 1 : 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r);
         wrong += d != DONE_OK || !same(&r, ab, na + nb) || !r.finished;
         bad += r.bad;
         result_free(&r);
@@ -407,7 +407,7 @@ static void test_multi_member(void)
     for (size_t len = 0; len <= gz.len; len++) {
         size_t cuts[1] = {len};
         bool at_end = len == end_a || len == end_empty || len == gz.len;
-        done_t d = run_pieces(gz.p, len, cuts, 1, 0, 4096, JI_MAX_INFLATED_BYTES, &r);
+        done_t d = run_pieces(gz.p, len, cuts, 1, 0, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r);
         bad += d != DONE_OK || r.finished != at_end;
         result_free(&r);
     }
@@ -415,7 +415,7 @@ static void test_multi_member(void)
 
     /* all three members in one call */
     {
-        ji_gunzip_t *g = ji_gunzip_new(JI_MAX_INFLATED_BYTES);
+        ji_gunzip_t *g = ji_gunzip_new(JI_DEFAULT_MAX_INFLATED_BYTES);
         char out[8192];
         size_t used, got;
         ji_error_t err;
@@ -428,7 +428,7 @@ static void test_multi_member(void)
 
     /* a member ends exactly when the output buffer is full: the next one still starts */
     {
-        ji_gunzip_t *g = ji_gunzip_new(JI_MAX_INFLATED_BYTES);
+        ji_gunzip_t *g = ji_gunzip_new(JI_DEFAULT_MAX_INFLATED_BYTES);
         char out[8192];
         size_t used, got, used2, got2;
         ji_error_t err;
@@ -467,7 +467,7 @@ static void test_trailing_garbage(void)
         buf_append(&gz, junk[j], jl);
         for (size_t cut = member - 3; cut <= gz.len; cut++) {
             size_t cuts[2] = {cut, gz.len};
-            CHECK_EQ_INT(run_pieces(gz.p, gz.len, cuts, 2, 0, 4096, JI_MAX_INFLATED_BYTES, &r), DONE_GARBAGE);
+            CHECK_EQ_INT(run_pieces(gz.p, gz.len, cuts, 2, 0, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_GARBAGE);
             CHECK_EQ_INT(r.garbage_at, member);
             CHECK(r.finished);
             CHECK(same(&r, data, n));
@@ -479,14 +479,14 @@ static void test_trailing_garbage(void)
     /* 0x1f starts a member: what follows must be a gzip header */
     gz.len = member;
     buf_append(&gz, "\x1f\x00garbage", 9);
-    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 5, 4096, JI_MAX_INFLATED_BYTES, &r), DONE_ERROR);
+    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 5, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_ERROR);
     CHECK_EQ_STR(r.err.message, "corrupt gzip body: incorrect header check");
     result_free(&r);
 
     /* a body ending with a lone 0x1f is an unfinished second member */
     gz.len = member;
     buf_append(&gz, "\x1f", 1);
-    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 50, 4096, JI_MAX_INFLATED_BYTES, &r), DONE_OK);
+    CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, 50, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
     CHECK(!r.finished);
     CHECK(same(&r, data, n));
     result_free(&r);
