@@ -809,6 +809,20 @@ static int check_state(ji_pg_t *pg, ji_pg_state_t want, const char *what)
     return -1;
 }
 
+/** What was sent is on its way: wait in `state` for the result that goes to `cb`. 0, or -1 (connection broken). */
+static int await_result(ji_pg_t *pg, ji_pg_state_t state, ji_pg_result_cb cb, void *ctx)
+{
+    pg->state = state;
+    pg->result_cb = cb;
+    pg->op_ctx = ctx;
+    if (flush_output(pg) < 0) {
+        pg->result_cb = NULL;
+        break_quietly(pg);
+        return -1;
+    }
+    return 0;
+}
+
 int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *values, ji_pg_result_cb cb, void *ctx)
 {
     if (check_state(pg, JI_PG_READY, "query") != 0)
@@ -819,15 +833,7 @@ int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *va
             break_quietly(pg);
         return -1;
     }
-    pg->state = JI_PG_QUERY;
-    pg->result_cb = cb;
-    pg->op_ctx = ctx;
-    if (flush_output(pg) < 0) {
-        pg->result_cb = NULL;
-        break_quietly(pg);
-        return -1;
-    }
-    return 0;
+    return await_result(pg, JI_PG_QUERY, cb, ctx);
 }
 
 int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len)
@@ -873,16 +879,8 @@ int ji_pg_copy_end(ji_pg_t *pg, const char *abort_msg, ji_pg_result_cb cb, void 
         break_quietly(pg);
         return -1;
     }
-    pg->state = JI_PG_COPY_END;
     pg->drain_pending = false; /* the result callback supersedes the drain */
-    pg->result_cb = cb;
-    pg->op_ctx = ctx;
-    if (flush_output(pg) < 0) {
-        pg->result_cb = NULL;
-        break_quietly(pg);
-        return -1;
-    }
-    return 0;
+    return await_result(pg, JI_PG_COPY_END, cb, ctx);
 }
 
 const char *ji_pg_error(const ji_pg_t *pg)

@@ -13,23 +13,6 @@
 #include <stdlib.h>
 #include <time.h>
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_next(rng_t *r)
-{
-    r->s ^= r->s << 13;
-    r->s ^= r->s >> 7;
-    r->s ^= r->s << 17;
-    return r->s;
-}
-
-static void rng_fill(rng_t *r, unsigned char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = (unsigned char)(rng_next(r) >> 32);
-}
 
 /* Splits `in` at the offsets in `cuts` (ascending, `ncuts` of them) and decodes the pieces. 0 with `out`/`outlen`
  * filled, or -1 with *why set. `out` must hold len bytes. */

@@ -25,23 +25,6 @@
 
 /* ---- helpers ---- */
 
-typedef struct {
-    uint64_t s;
-} rng_t;
-
-static uint64_t rng_next(rng_t *r)
-{
-    r->s ^= r->s << 13;
-    r->s ^= r->s >> 7;
-    r->s ^= r->s << 17;
-    return r->s;
-}
-
-static void rng_fill(rng_t *r, unsigned char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = (unsigned char)(rng_next(r) >> 32);
-}
 
 /* Standard padded base64 of `raw` (malloc'd, NUL-terminated). */
 static char *b64(const unsigned char *raw, size_t n, size_t *len)

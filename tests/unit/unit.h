@@ -6,6 +6,7 @@
 #ifndef JI_UNIT_H
 #define JI_UNIT_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -41,6 +42,25 @@ static int unit_checks, unit_failures;
                     unit_a_ ? unit_a_ : "(null)", unit_b_ ? unit_b_ : "(null)");                                       \
         }                                                                                                              \
     } while (0)
+
+/** A seeded xorshift generator: the same seed gives the same test data on every run. */
+typedef struct {
+    uint64_t s; /**< state; any non-zero seed */
+} rng_t;
+
+static inline uint64_t rng_next(rng_t *r)
+{
+    r->s ^= r->s << 13;
+    r->s ^= r->s >> 7;
+    r->s ^= r->s << 17;
+    return r->s;
+}
+
+static inline void rng_fill(rng_t *r, unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)(rng_next(r) >> 32);
+}
 
 typedef struct {
     const char *name;
