@@ -234,16 +234,20 @@ class Server:
 
 
 # ------------------------------------------------------------------ curl
-class CurlResult:
-    def __init__(self, rc, info, status, headers, body, stderr, header_blocks):
-        self.rc, self.info, self.status, self.headers = rc, info, status, headers
-        self.body, self.stderr, self.header_blocks = body, stderr, header_blocks
+class JsonBody:
+    """What the answers share: a body that should be JSON."""
 
     def json(self):
         try:
             return json.loads(self.body)
         except ValueError as e:
             raise AssertionError(f"response body is not JSON ({e}): {self.body[:500]!r}") from None
+
+
+class CurlResult(JsonBody):
+    def __init__(self, rc, info, status, headers, body, stderr, header_blocks):
+        self.rc, self.info, self.status, self.headers = rc, info, status, headers
+        self.body, self.stderr, self.header_blocks = body, stderr, header_blocks
 
     def __repr__(self):
         return (f"<curl rc={self.rc} status={self.status} body={self.body[:300]!r} "
@@ -310,16 +314,10 @@ def post(server, data_file, tmpdir, mode="data-binary", content_type="applicatio
 
 
 # ------------------------------------------------------------------ raw HTTP/1.1
-class RawResponse:
+class RawResponse(JsonBody):
     def __init__(self, status, reason, headers, body, interim=()):
         self.status, self.reason, self.headers, self.body = status, reason, headers, body
         self.interim = list(interim)
-
-    def json(self):
-        try:
-            return json.loads(self.body)
-        except ValueError as e:
-            raise AssertionError(f"response body is not JSON ({e}): {self.body[:500]!r}") from None
 
     def __repr__(self):
         return f"<HTTP {self.status} {self.headers} {self.body[:300]!r}>"
