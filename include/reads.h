@@ -5,8 +5,8 @@
  * the worker's non-blocking pool; nothing here blocks on the network.
  *
  * Memory: a single-row read holds one row; an image is streamed from its file
- * in JI_READS_IMAGE_CHUNK_BYTES pieces; an export holds at most two pages of
- * JI_READS_EXPORT_PAGE_ROWS rows (one being sent, one being fetched), whatever
+ * in JI_IMAGE_CHUNK_BYTES pieces; an export holds at most two pages of
+ * JI_EXPORT_PAGE_ROWS rows (one being sent, one being fetched), whatever
  * the size of the table. A client that goes away mid-response frees everything
  * (the request pool's dispose callback cancels the database operation).
  */
@@ -15,14 +15,6 @@
 
 #include "server.h"
 
-/** Rows fetched by one export query (keyset pagination: WHERE user_id > last ORDER BY user_id LIMIT this). */
-#define JI_READS_EXPORT_PAGE_ROWS 1000
-/** Bytes of an image file read and sent at a time. */
-#define JI_READS_IMAGE_CHUNK_BYTES (64u * 1024)
-/** GET /readyz answers 503 when the database round trip takes longer than this many seconds. */
-#define JI_READS_READYZ_TIMEOUT_S 2
-/** Retry-After (seconds) of a 503 from the read side. */
-#define JI_READS_RETRY_AFTER_S 1
 
 /**
  * Every request under /users that is not a POST: GET or HEAD of /users (export), /users/{id} and

@@ -38,7 +38,7 @@ typedef struct st_ji_worker_stats_t {
     _Atomic uint64_t requests;          /**< POST /users requests that reached an ingest */
     _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
     _Atomic uint64_t records, images, body_bytes;
-    _Atomic uint64_t errors[8];         /**< failed ingests by ji_error_kind_t */
+    _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
     _Atomic uint64_t limit_record_bytes; /**< requests refused by --max-record-bytes */
     _Atomic uint64_t limit_ingests;      /**< requests refused because JI_MAX_INGESTS_PER_WORKER were running */
 } ji_worker_stats_t;

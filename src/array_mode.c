@@ -15,8 +15,8 @@
 
 #include "escape_scan.h"
 #include "gunzip.h"
-#include "reply.h"
-#include "response.h"
+#include "handler_reply.h"
+#include "json_text.h"
 #include "utf8.h"
 
 typedef struct st_array_req_t {
@@ -278,11 +278,11 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
         h2o_iovec_t v = req->headers.entries[ce].value;
         if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
             ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "unsupported Content-Encoding");
-            ji_reply_error(req, &err, 0);
+            ji_reply_error(req, &err);
             return 0;
         }
         if (inflate_entity(req, w->server->config->max_array_bytes, &a->text, &len, &err) != 0) {
-            ji_reply_error(req, &err, 0);
+            ji_reply_error(req, &err);
             return 0;
         }
         goto Parse;
@@ -290,24 +290,24 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
     if (len > w->server->config->max_array_bytes) {
         ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
                      w->server->config->max_array_bytes);
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     if ((a->text = malloc(len + 1)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     memcpy(a->text, req->entity.base, len);
     a->text[len] = '\0';
 Parse:
     if (check_text(a->text, len, &err) != 0) {
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     if (memchr(a->text, '\0', len) != NULL) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "NUL byte in the body");
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     if ((a->root = yajl_tree_parse(a->text, yajl_error, sizeof(yajl_error))) == NULL) {
@@ -315,19 +315,19 @@ Parse:
         if (nl != NULL)
             *nl = '\0';
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "%s", yajl_error[0] ? yajl_error : "malformed JSON");
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     if (!YAJL_IS_ARRAY(a->root)) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "expected a JSON array of records");
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
         return 0;
     }
     free(a->text); /* the tree holds its own copies of the strings */
     a->text = NULL;
     if ((a->ingest = ji_ingest_new(w, params, &array_callbacks, a)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_reply_error(req, &err, 0);
+        ji_reply_error(req, &err);
     }
     return 0;
 }

@@ -23,25 +23,49 @@ void ji_error_clear(ji_error_t *err)
     memset(err, 0, sizeof(*err));
 }
 
+static const struct {
+    int status;
+    const char *name;
+} kinds[JI_ERR_KIND_COUNT] = {
+    [JI_ERR_NONE] = {200, "none"},
+    [JI_ERR_MALFORMED] = {400, "malformed"},
+    [JI_ERR_UNAUTHORIZED] = {401, "unauthorized"},
+    [JI_ERR_FORBIDDEN] = {403, "forbidden"},
+    [JI_ERR_NOT_FOUND] = {404, "not_found"},
+    [JI_ERR_METHOD] = {405, "method"},
+    [JI_ERR_CONFLICT] = {409, "conflict"},
+    [JI_ERR_TOO_LARGE] = {413, "too_large"},
+    [JI_ERR_UNSUPPORTED] = {415, "unsupported"},
+    [JI_ERR_EXPECTATION] = {417, "expectation"},
+    [JI_ERR_INVALID] = {422, "invalid"},
+    [JI_ERR_HEAD_TOO_LARGE] = {431, "head_too_large"},
+    [JI_ERR_INTERNAL] = {500, "internal"},
+    [JI_ERR_NOT_IMPLEMENTED] = {501, "not_implemented"},
+    [JI_ERR_DB] = {503, "db"},
+    [JI_ERR_BUSY] = {503, "busy"},
+    [JI_ERR_STOPPING] = {503, "stopping"},
+    [JI_ERR_DISK_FULL] = {507, "disk_full"},
+};
+
 int ji_error_http_status(ji_error_kind_t kind)
 {
+    return (unsigned)kind < JI_ERR_KIND_COUNT ? kinds[kind].status : 500;
+}
+
+const char *ji_error_kind_name(ji_error_kind_t kind)
+{
+    return (unsigned)kind < JI_ERR_KIND_COUNT ? kinds[kind].name : "internal";
+}
+
+unsigned ji_error_retry_after(ji_error_kind_t kind)
+{
     switch (kind) {
-    case JI_ERR_NONE:
-        return 200;
-    case JI_ERR_MALFORMED:
-        return 400;
-    case JI_ERR_INVALID:
-        return 422;
-    case JI_ERR_TOO_LARGE:
-        return 413;
-    case JI_ERR_UNSUPPORTED:
-        return 415;
     case JI_ERR_DB:
-        return 503;
-    case JI_ERR_DISK_FULL:
-        return 507;
-    case JI_ERR_INTERNAL:
-        break;
+        return JI_RETRY_AFTER_DB_S;
+    case JI_ERR_BUSY:
+    case JI_ERR_STOPPING:
+        return JI_RETRY_AFTER_BUSY_S;
+    default:
+        return 0;
     }
-    return 500;
 }

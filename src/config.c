@@ -10,9 +10,6 @@
 
 #define JI_DEFAULT_LISTEN "127.0.0.1:8000"
 #define JI_DEFAULT_IMAGES_DIR "images"
-#define JI_MAX_THREADS 256
-#define JI_DEFAULT_MAX_INGESTS 64
-#define JI_DEFAULT_IDLE_TIMEOUT_S 30
 
 void ji_config_usage(const char *argv0, void *out)
 {

@@ -18,19 +18,10 @@
 #include "ingest.h"
 #include "picohttp.h"
 #include "request_options.h"
-#include "response.h"
+#include "json_text.h"
 
-/**
- * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
- * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
- */
-#define JI_SOCKET_RCVBUF_BYTES (256 * 1024)
 
-/** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
-#define JI_INFLATE_BUFFER_BYTES (256u * 1024)
 
-/** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
-#define JI_MAX_SNIFF_BYTES (64u * 1024)
 
 typedef enum {
     CONN_HEAD,       /**< reading a request head */
@@ -239,8 +230,7 @@ static int build_response(ji_conn_t *c, int status, const char *body, size_t len
 }
 
 /** Answers an error found by the front door itself, then closes. `extra_headers`: NULL or "Name: value\r\n"... */
-static void respond_error_with(ji_conn_t *c, ji_error_kind_t kind, int status_override, const char *message,
-                               const char *extra_headers)
+static void respond_error_with(ji_conn_t *c, ji_error_kind_t kind, const char *message, const char *extra_headers)
 {
     ji_error_t err;
     ji_text_t body = {0};
@@ -252,8 +242,8 @@ static void respond_error_with(ji_conn_t *c, ji_error_kind_t kind, int status_ov
     c->state = CONN_RESPONDING;
     h2o_socket_read_stop(c->sock);
     r = body.failed ? -1
-                    : build_response(c, status_override != 0 ? status_override : ji_error_http_status(kind), body.base,
-                                     body.len, 0, extra_headers);
+                    : build_response(c, ji_error_http_status(kind), body.base, body.len, ji_error_retry_after(kind),
+                                     extra_headers);
     ji_text_free(&body);
     if (r != 0)
         close_conn(c);
@@ -261,9 +251,9 @@ static void respond_error_with(ji_conn_t *c, ji_error_kind_t kind, int status_ov
         send_response(c);
 }
 
-static void respond_error(ji_conn_t *c, ji_error_kind_t kind, int status_override, const char *message)
+static void respond_error(ji_conn_t *c, ji_error_kind_t kind, const char *message)
 {
-    respond_error_with(c, kind, status_override, message, NULL);
+    respond_error_with(c, kind, message, kind == JI_ERR_UNAUTHORIZED ? "WWW-Authenticate: Bearer\r\n" : NULL);
 }
 
 /* ------------------------------------------------------------------ the ingest's callbacks */
@@ -500,14 +490,14 @@ static void start_stream(ji_conn_t *c)
     c->state = CONN_BODY;
     if (c->gzip && ((c->gunzip = ji_gunzip_new(c->worker->server->config->max_inflated_bytes)) == NULL ||
                     (c->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL)) {
-        respond_error(c, JI_ERR_INTERNAL, 0, "out of memory");
+        respond_error(c, JI_ERR_INTERNAL, "out of memory");
         return;
     }
     h2o_socket_read_stop(c->sock); /* nothing is read until the ingest is ready */
     if (h2o_timeout_is_linked(&c->idle_timer))
         h2o_timeout_unlink(&c->idle_timer);
     if ((c->ingest = ji_ingest_new(c->worker, &c->params, &ingest_callbacks, c)) == NULL)
-        respond_error(c, JI_ERR_INTERNAL, 0, "out of memory");
+        respond_error(c, JI_ERR_INTERNAL, "out of memory");
 }
 
 /* ------------------------------------------------------------------ routing */
@@ -637,7 +627,7 @@ static void process_head(ji_conn_t *c)
     r = phr_parse_request(c->sock->input->bytes, c->sock->input->size, &method, &method_len, &path, &path_len,
                           &minor, headers, &num_headers, 0);
     if ((r == -2 && c->sock->input->size >= JI_MAX_HEAD_BYTES) || r > (int)JI_MAX_HEAD_BYTES) {
-        respond_error(c, JI_ERR_MALFORMED, 431, "request head is larger than JI_MAX_HEAD_BYTES (16384 bytes)");
+        respond_error(c, JI_ERR_HEAD_TOO_LARGE, "request head is larger than JI_MAX_HEAD_BYTES (" JI_STR(JI_MAX_HEAD_BYTES) " bytes)");
         return;
     }
     if (r == -2)
@@ -645,7 +635,7 @@ static void process_head(ji_conn_t *c)
     if (r == -1) {
         /* picohttpparser says -1 for more headers than it was given room for, too */
         if (too_many_headers(c->sock->input->bytes, c->sock->input->size)) {
-            respond_error(c, JI_ERR_MALFORMED, 431, "request head has more than JI_MAX_HEADERS (64) headers");
+            respond_error(c, JI_ERR_HEAD_TOO_LARGE, "request head has more than JI_MAX_HEADERS (" JI_STR(JI_MAX_HEADERS) ") headers");
             return;
         }
         /* h2o answers malformed requests its own way */
@@ -667,7 +657,7 @@ static void process_head(ji_conn_t *c)
 
     /* format and mode from the query */
     if (ji_request_options_parse_query(&options, query != NULL ? query : "", qlen, &err) != 0) {
-        respond_error(c, err.kind, 0, err.message);
+        respond_error(c, err.kind, err.message);
         return;
     }
     c->params.skip_errors = options.skip_errors;
@@ -692,7 +682,7 @@ static void process_head(ji_conn_t *c)
             c->content_length = n;
         } else if (header_is(h, "transfer-encoding")) {
             if (!value_is(h, "chunked")) {
-                respond_error(c, JI_ERR_MALFORMED, 501, "only Transfer-Encoding: chunked is supported");
+                respond_error(c, JI_ERR_NOT_IMPLEMENTED, "only Transfer-Encoding: chunked is supported");
                 return;
             }
             c->chunked = true;
@@ -700,7 +690,7 @@ static void process_head(ji_conn_t *c)
             if (value_is(h, "gzip") || value_is(h, "x-gzip")) {
                 c->gzip = true;
             } else if (!value_is(h, "identity")) {
-                respond_error(c, JI_ERR_UNSUPPORTED, 0, "unsupported Content-Encoding");
+                respond_error(c, JI_ERR_UNSUPPORTED, "unsupported Content-Encoding");
                 return;
             }
         } else if (header_is(h, "content-type")) {
@@ -708,7 +698,7 @@ static void process_head(ji_conn_t *c)
                 format = JI_FORMAT_JSONL;
         } else if (header_is(h, "expect")) {
             if (!value_is(h, "100-continue")) {
-                respond_error(c, JI_ERR_MALFORMED, 417, "unknown expectation");
+                respond_error(c, JI_ERR_EXPECTATION, "unknown expectation");
                 return;
             }
             c->expect_continue = minor >= 1;
@@ -722,24 +712,23 @@ static void process_head(ji_conn_t *c)
         }
     }
     if (has_length && c->chunked) {
-        respond_error(c, JI_ERR_MALFORMED, 0, "Content-Length and Transfer-Encoding together");
+        respond_error(c, JI_ERR_MALFORMED, "Content-Length and Transfer-Encoding together");
         return;
     }
     if (c->chunked && minor == 0) {
-        respond_error(c, JI_ERR_MALFORMED, 0, "chunked encoding needs HTTP/1.1");
+        respond_error(c, JI_ERR_MALFORMED, "chunked encoding needs HTTP/1.1");
         return;
     }
     c->keep_alive = minor >= 1 ? !connection_close : connection_keep_alive;
     /* before a byte of the body is read (a tighter limit before authentication) */
     if (!ji_server_authorized(c->worker->server, authorization ? authorization->value : NULL,
                               authorization ? authorization->value_len : 0)) {
-        respond_error_with(c, JI_ERR_MALFORMED, 401, "missing or invalid bearer token",
-                           "WWW-Authenticate: Bearer\r\n");
+        respond_error(c, JI_ERR_UNAUTHORIZED, "missing or invalid bearer token");
         return;
     }
     if (idempotency_key != NULL) {
         if (idempotency_key->value_len == 0 || idempotency_key->value_len >= sizeof(c->idempotency_key)) {
-            respond_error(c, JI_ERR_MALFORMED, 0, "Idempotency-Key must be 1 to 255 bytes");
+            respond_error(c, JI_ERR_MALFORMED, "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
             return;
         }
         memcpy(c->idempotency_key, idempotency_key->value, idempotency_key->value_len);
@@ -750,7 +739,7 @@ static void process_head(ji_conn_t *c)
     if (format == JI_FORMAT_ARRAY) {
         /* the JSON-array mode is an h2o handler; refuse an announced oversize body before h2o buffers it */
         if (has_length && c->content_length > c->worker->server->config->max_array_bytes)
-            respond_error(c, JI_ERR_TOO_LARGE, 0, "body is larger than --max-array-bytes");
+            respond_error(c, JI_ERR_TOO_LARGE, "body is larger than --max-array-bytes");
         else
             hand_to_h2o(c);
     } else if (format == JI_FORMAT_UNDECIDED) {
@@ -761,7 +750,7 @@ static void process_head(ji_conn_t *c)
     return;
 
 BadLength:
-    respond_error(c, JI_ERR_MALFORMED, 0, "invalid Content-Length");
+    respond_error(c, JI_ERR_MALFORMED, "invalid Content-Length");
 }
 
 static void on_read_head(h2o_socket_t *sock, const char *err)

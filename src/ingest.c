@@ -17,14 +17,10 @@
 
 #include "image_store.h"
 #include "record_parser.h"
-#include "response.h"
+#include "json_text.h"
 #include "row_encoder.h"
 #include "splitter.h"
 
-/** Seconds a client is told to wait before retrying after a database failure. */
-#define JI_RETRY_AFTER_SECONDS 5
-/** Room kept behind JI_COPY_BUFFER_BYTES so that one more row always fits. */
-#define JI_COPY_BUFFER_SLACK (16u * 1024)
 /** Message kept per reported error in skip mode. */
 #define JI_REPORTED_ERROR_CHARS sizeof(((ji_error_t *)0)->message)
 
@@ -157,11 +153,11 @@ static void fail(ji_ingest_t *in, const ji_error_t *err)
         in->images = NULL;
     }
     in->status = ji_error_http_status(err->kind);
-    in->retry_after = err->kind == JI_ERR_DB ? JI_RETRY_AFTER_SECONDS : 0;
+    in->retry_after = ji_error_retry_after(err->kind);
     ji_text_free(&in->answer);
     ji_response_error_json(&in->answer, err);
     atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->worker->stats.errors[err->kind & 7], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->worker->stats.errors[err->kind], 1, memory_order_relaxed);
     if (err->kind == JI_ERR_TOO_LARGE)
         atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
     in->pending_done = true;
@@ -666,10 +662,9 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
     in->counted = true;
     if (atomic_fetch_add(&w->server->ingests_running, 1) >= w->server->config->max_ingests) {
         atomic_fetch_add_explicit(&w->stats.limit_ingests, 1, memory_order_relaxed);
-        ji_error_set(&err, JI_ERR_DB, 0, NULL, "too many uploads in progress (--max-ingests %u): retry later",
+        ji_error_set(&err, JI_ERR_BUSY, 0, NULL, "too many uploads in progress (--max-ingests %u): retry later",
                      w->server->config->max_ingests);
         fail(in, &err);
-        in->retry_after = 1;
         return in;
     }
     if (!atomic_load(&w->server->db_ready)) {

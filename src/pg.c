@@ -33,13 +33,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/**
- * Longest time from PQconnectStart to a usable connection when the conninfo (or PGCONNECT_TIMEOUT) sets no
- * connect_timeout: libpq enforces connect_timeout only in its blocking calls, so the loop does it here.
- */
-#define JI_PG_CONNECT_TIMEOUT_MS 10000
-/** libpq treats a connect_timeout below 2 s as 2 s; so do we. */
-#define JI_PG_CONNECT_TIMEOUT_MIN_MS 2000
 /** Largest piece handed to PQputCopyData in one call (its length is an int). */
 #define JI_PG_COPY_MAX_PIECE (1u << 30)
 

@@ -20,7 +20,7 @@
  * two pages, whatever the table size.
  */
 #include "reads.h"
-#include "reply.h"
+#include "handler_reply.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,7 +32,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "response.h"
+#include "json_text.h"
 
 /** The row columns, in this order, of every query that returns users. created_at as RFC 3339 in UTC. */
 #define USER_COLUMNS                                                                                                   \
@@ -86,7 +86,7 @@ static void send_error(h2o_req_t *req, int status, const char *reason, const cha
     ji_text_json_string(&t, msg, strlen(msg));
     ji_text_append(&t, "}\n", 2);
     if (status == 503)
-        ji_reply_add_retry_after(req, JI_READS_RETRY_AFTER_S);
+        ji_reply_add_retry_after(req, JI_RETRY_AFTER_BUSY_S);
     send_text(req, status, reason, "application/json", &t);
 }
 
@@ -408,7 +408,7 @@ typedef struct st_image_req_t {
     bool head;
     int fd;        /**< the image file while it is being sent, else -1 */
     uint64_t left; /**< bytes still to send */
-    char *buf;     /**< JI_READS_IMAGE_CHUNK_BYTES or the file size, whichever is smaller (request pool) */
+    char *buf;     /**< JI_IMAGE_CHUNK_BYTES or the file size, whichever is smaller (request pool) */
     size_t buf_cap;
 } image_req_t;
 
@@ -534,7 +534,7 @@ static void image_on_result(db_call_t *call, PGresult *res, const char *err)
         return;
     }
     r->left = (uint64_t)st.st_size;
-    r->buf_cap = r->left < JI_READS_IMAGE_CHUNK_BYTES ? (size_t)r->left : JI_READS_IMAGE_CHUNK_BYTES;
+    r->buf_cap = r->left < JI_IMAGE_CHUNK_BYTES ? (size_t)r->left : JI_IMAGE_CHUNK_BYTES;
     if (r->buf_cap == 0)
         r->buf_cap = 1;
     r->buf = h2o_mem_alloc_pool(&req->pool, r->buf_cap);
@@ -607,7 +607,7 @@ static void export_dispose(void *p)
 /** Starts fetching the next page into page[filling]. NULL, or why not (see db_call_start). */
 static const char *export_fetch(export_t *e)
 {
-    e->asked = e->remaining < JI_READS_EXPORT_PAGE_ROWS ? (unsigned)e->remaining : JI_READS_EXPORT_PAGE_ROWS;
+    e->asked = e->remaining < JI_EXPORT_PAGE_ROWS ? (unsigned)e->remaining : JI_EXPORT_PAGE_ROWS;
     snprintf(e->call.params[0], sizeof(e->call.params[0]), "%" PRId64, e->after_id);
     snprintf(e->call.params[1], sizeof(e->call.params[1]), "%u", e->asked);
     return db_call_start(&e->call, e->w, SQL_PAGE, 2, export_on_page);
@@ -843,7 +843,7 @@ static int on_users_csv(h2o_handler_t *self, h2o_req_t *req)
 typedef struct st_readyz_t {
     db_call_t call;
     h2o_req_t *req;
-    h2o_timeout_entry_t deadline; /**< on the context's one-second list, JI_READS_READYZ_TIMEOUT_S times */
+    h2o_timeout_entry_t deadline; /**< on the context's one-second list, JI_READYZ_TIMEOUT_S times */
     unsigned ticks_left;
 } readyz_t;
 
@@ -864,7 +864,7 @@ static void send_not_ready(h2o_req_t *req, const char *status, const char *why)
     APPEND_LIT(&t, ",\"error\":");
     ji_text_json_string(&t, why, strlen(why));
     APPEND_LIT(&t, "}\n");
-    ji_reply_add_retry_after(req, JI_READS_RETRY_AFTER_S);
+    ji_reply_add_retry_after(req, JI_RETRY_AFTER_BUSY_S);
     send_text(req, 503, "Service Unavailable", "application/json", &t);
 }
 
@@ -899,8 +899,8 @@ static void readyz_on_tick(h2o_timeout_entry_t *entry)
         return;
     }
     db_call_cancel(&r->call);
-    snprintf(why, sizeof(why), "the database did not answer within %d s (JI_READS_READYZ_TIMEOUT_S)",
-             JI_READS_READYZ_TIMEOUT_S);
+    snprintf(why, sizeof(why), "the database did not answer within %d s (JI_READYZ_TIMEOUT_S)",
+             JI_READYZ_TIMEOUT_S);
     send_not_ready(r->req, "not ready", why);
 }
 
@@ -927,7 +927,7 @@ static int on_readyz(h2o_handler_t *self, h2o_req_t *req)
     memset(r, 0, sizeof(*r));
     r->req = req;
     r->deadline.cb = readyz_on_tick;
-    r->ticks_left = JI_READS_READYZ_TIMEOUT_S;
+    r->ticks_left = JI_READYZ_TIMEOUT_S;
     if ((why = db_call_start(&r->call, w, SQL_PING, 0, readyz_on_result)) != NULL) {
         send_not_ready(req, why == START_STOPPING ? "stopping" : "not ready", why);
         return 0;
@@ -977,12 +977,8 @@ static void metric(ji_text_t *t, const char *name, const char *type, const char 
 
 static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
 {
-    static const char *const kinds[] = {[JI_ERR_MALFORMED] = "malformed", [JI_ERR_INVALID] = "invalid",
-                                        [JI_ERR_TOO_LARGE] = "too_large", [JI_ERR_UNSUPPORTED] = "unsupported",
-                                        [JI_ERR_DB] = "db",               [JI_ERR_DISK_FULL] = "disk_full",
-                                        [JI_ERR_INTERNAL] = "internal"};
     ji_server_t *server = ji_worker_of(req->conn->ctx)->server;
-    uint64_t requests = 0, ok = 0, failed = 0, in_flight = 0, records = 0, images = 0, bytes = 0, errors[8] = {0},
+    uint64_t requests = 0, ok = 0, failed = 0, in_flight = 0, records = 0, images = 0, bytes = 0, errors[JI_ERR_KIND_COUNT] = {0},
              lim_record = 0, lim_ingests = 0, pg_idle = 0, pg_busy = 0, rss, hwm;
     ji_text_t t = {0};
     bool head;
@@ -1000,7 +996,7 @@ static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
         records += LOAD(s->records);
         images += LOAD(s->images);
         bytes += LOAD(s->body_bytes);
-        for (unsigned k = 0; k < 8; k++)
+        for (unsigned k = 0; k < JI_ERR_KIND_COUNT; k++)
             errors[k] += LOAD(s->errors[k]);
         lim_record += LOAD(s->limit_record_bytes);
         lim_ingests += LOAD(s->limit_ingests);
@@ -1021,8 +1017,8 @@ static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
     metric(&t, "images_total", "counter", "Image files committed.", images);
     metric(&t, "body_bytes_total", "counter", "Request body bytes read by ingests (after chunked framing).", bytes);
     metric_head(&t, "errors_total", "counter", "Failed ingests by kind of error.");
-    for (unsigned k = JI_ERR_MALFORMED; k <= JI_ERR_INTERNAL; k++)
-        ji_text_printf(&t, "jsonl_ingest_errors_total{kind=\"%s\"} %" PRIu64 "\n", kinds[k], errors[k]);
+    for (unsigned k = JI_ERR_NONE + 1; k < JI_ERR_KIND_COUNT; k++)
+        ji_text_printf(&t, "jsonl_ingest_errors_total{kind=\"%s\"} %" PRIu64 "\n", ji_error_kind_name(k), errors[k]);
     metric_head(&t, "limits_total", "counter", "Requests refused by a limit, by limit.");
     ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"max_record_bytes\"} %" PRIu64 "\n", lim_record);
     ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"max_ingests\"} %" PRIu64 "\n", lim_ingests);

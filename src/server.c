@@ -25,22 +25,10 @@
 #include "reads.h"
 #include "ingest.h"
 #include "request_options.h"
-#include "reply.h"
-#include "response.h"
+#include "handler_reply.h"
+#include "json_text.h"
 #include "schema.h"
 
-/** Idle database connections kept per worker. */
-#define JI_PG_MAX_IDLE 4
-/** A part-filled input buffer is fed after this long without more bytes. */
-#define JI_FEED_FLUSH_MS 5
-/** How often a worker's loop wakes up to look for a stop request. */
-#define JI_STOP_POLL_MS 100
-/** After SIGTERM, how long requests in flight may take before the process exits anyway. */
-#define JI_STOP_GRACE_MS 30000
-/** Between attempts to reach the database at start-up. */
-#define JI_DB_RETRY_SECONDS 1
-/** How long an error answer waits for the client to stop sending before the connection closes. */
-#define JI_LINGER_MS 2000
 /** h2o's deadline for a whole buffered request (head and body) on its own routes. */
 #define JI_H2O_REQUEST_TIMEOUT_MS (10 * 60 * 1000)
 
@@ -67,7 +55,7 @@ static int on_healthz(h2o_handler_t *self, h2o_req_t *req)
 static int on_not_found(h2o_handler_t *self, h2o_req_t *req)
 {
     (void)self;
-    ji_reply_message(req, 404, "no such route");
+    ji_reply_errorf(req, JI_ERR_NOT_FOUND, "no such route");
     return 0;
 }
 
@@ -176,14 +164,13 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     ct = h2o_find_header(&req->headers, H2O_TOKEN_AUTHORIZATION, -1);
     if (!ji_server_authorized(w->server, ct != -1 ? req->headers.entries[ct].value.base : NULL,
                               ct != -1 ? req->headers.entries[ct].value.len : 0)) {
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_WWW_AUTHENTICATE, NULL, H2O_STRLIT("Bearer"));
-        ji_reply_message(req, 401, "missing or invalid bearer token");
+        ji_reply_errorf(req, JI_ERR_UNAUTHORIZED, "missing or invalid bearer token");
         return 0;
     }
     if ((ct = h2o_find_header_by_str(&req->headers, H2O_STRLIT("idempotency-key"), -1)) != -1) {
         h2o_iovec_t v = req->headers.entries[ct].value;
-        if (v.len == 0 || v.len > 255) {
-            ji_reply_message(req, 400, "Idempotency-Key must be 1 to 255 bytes");
+        if (v.len == 0 || v.len > JI_MAX_IDEMPOTENCY_KEY_BYTES) {
+            ji_reply_errorf(req, JI_ERR_MALFORMED, "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
             return 0;
         }
         params.idempotency_key = h2o_strdup(&req->pool, v.base, v.len).base;
@@ -191,7 +178,7 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     if (req->query_at != SIZE_MAX) {
         const char *q = req->path.base + req->query_at + 1;
         if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
-            ji_reply_error(req, &err, 0);
+            ji_reply_error(req, &err);
             return 0;
         }
     } else {
@@ -220,16 +207,16 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
         if (h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) || h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
             if ((b->gunzip = ji_gunzip_new(w->server->config->max_inflated_bytes)) == NULL ||
                 (b->inflated = malloc(JI_FEED_MIN_BYTES)) == NULL) {
-                ji_reply_message(req, 500, "out of memory");
+                ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
                 return 0;
             }
         } else if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("identity"))) {
-            ji_reply_message(req, 415, "unsupported Content-Encoding");
+            ji_reply_errorf(req, JI_ERR_UNSUPPORTED, "unsupported Content-Encoding");
             return 0;
         }
     }
     if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
-        ji_reply_message(req, 500, "out of memory");
+        ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
     return 0;
 }
 

@@ -18,7 +18,7 @@ from checks import assert_success
 CREATED_AT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 ROW_KEYS = {"user_id", "name", "email", "image_url", "image_type", "image_size", "batch_id", "created_at"}
 CSV_HEADER = ["user_id", "name", "email", "image_url", "image_type", "image_size", "batch_id", "created_at"]
-PAGE_ROWS = 1000  # JI_READS_EXPORT_PAGE_ROWS: the tests cross page boundaries on purpose
+PAGE_ROWS = 1000  # JI_EXPORT_PAGE_ROWS: the tests cross page boundaries on purpose
 
 
 def get(srv, path, tmp_path, extra=()):
@@ -153,7 +153,7 @@ def test_image_bytes_and_type_match_the_upload(server, db, tmp_path):
 
 
 def test_large_image_is_streamed_intact(server, db, tmp_path):
-    """An image of several chunks (JI_READS_IMAGE_CHUNK_BYTES = 64 KiB) comes back byte for byte."""
+    """An image of several chunks (JI_IMAGE_CHUNK_BYTES = 64 KiB) comes back byte for byte."""
     big = helpers.png_bytes(1_500_000, "big")
     j = assert_success(post_lines(server, tmp_path, [helpers.record_line("big", "big@example.com", big)]),
                        inserted=1, images=1)
@@ -181,7 +181,7 @@ def test_image_client_gone_mid_transfer(server, db, tmp_path):
 # ------------------------------------------------------------------ GET /users (JSON Lines export)
 @pytest.mark.timeout(120)
 def test_export_pages_after_id_and_limit(server, db, tmp_path):
-    """Several pages of JI_READS_EXPORT_PAGE_ROWS; after_id/limit windows across page boundaries."""
+    """Several pages of JI_EXPORT_PAGE_ROWS; after_id/limit windows across page boundaries."""
     ids = ingest_plain(server, tmp_path, 2 * PAGE_ROWS + 500, tag="pg")
     rows = export_lines(get(server, "/users", tmp_path))
     assert [r["user_id"] for r in rows] == ids

@@ -1,5 +1,5 @@
-/* response.c — JSON response bodies and the text buffer they are built in. */
-#include "response.h"
+/* json_text.c — the growable text buffer, JSON string escaping, and the error body every answer shares. */
+#include "json_text.h"
 
 #include <stdarg.h>
 #include <stdio.h>

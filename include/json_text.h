@@ -1,10 +1,10 @@
 /*
- * response.h — the JSON bodies the service answers with: the success summary
- * of an ingest and the error object. A small append-only text buffer with
- * JSON string escaping, used by both the streaming path and h2o handlers.
+ * json_text.h — the text the service answers with: a small append-only buffer
+ * with JSON string escaping, the error object every answer shares, and the
+ * reason phrases. Used by the streaming path and by h2o handlers alike.
  */
-#ifndef JI_RESPONSE_H
-#define JI_RESPONSE_H
+#ifndef JI_JSON_TEXT_H
+#define JI_JSON_TEXT_H
 
 #include "common.h"
 

@@ -1,0 +1,90 @@
+/*
+ * service_limits.h — every named limit of the service in one place: its value
+ * and the reason it has that value. Error messages print the constant's name
+ * and value from here (JI_STR), never a copied number. The flags that change
+ * a limit start from the JI_DEFAULT_* values; docs/security.md lists each one
+ * with the threat it stops.
+ */
+#ifndef JI_SERVICE_LIMITS_H
+#define JI_SERVICE_LIMITS_H
+
+/** Turns a macro's value into a string literal, for messages that name a limit. */
+#define JI_STR(x) JI_STR_(x)
+#define JI_STR_(x) #x
+
+/* ---- records ---- */
+/** Most Unicode characters in `name` and `email`: the columns are varchar(255). */
+#define JI_MAX_FIELD_CHARS 255
+/** Default for --max-record-bytes: the longest line one record may take; it bounds per-record memory. */
+#define JI_DEFAULT_MAX_RECORD_BYTES (8u * 1024 * 1024)
+/** Errors listed in a skip-mode answer: the answer stays small however many lines fail. */
+#define JI_MAX_REPORTED_ERRORS 100
+
+/* ---- bodies ---- */
+/** Default for --max-array-bytes: the largest body of the JSON-array mode, which holds it whole. */
+#define JI_DEFAULT_MAX_ARRAY_BYTES (256u * 1024 * 1024)
+/** Default for --max-inflated-bytes: the most one gzip body may inflate to. */
+#define JI_DEFAULT_MAX_INFLATED_BYTES (64ull * 1024 * 1024 * 1024)
+/** yajl rescans a string that spans its input chunks: feed it at least this much at a time. */
+#define JI_FEED_MIN_BYTES (64u * 1024)
+/** A part-filled input buffer is fed after this long without more bytes (ms): small uploads are not delayed. */
+#define JI_FEED_FLUSH_MS 5
+/** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
+#define JI_INFLATE_BUFFER_BYTES (256u * 1024)
+/** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
+#define JI_MAX_SNIFF_BYTES (64u * 1024)
+/** Bytes of COPY data gathered before they are handed to libpq. */
+#define JI_COPY_BUFFER_BYTES (64u * 1024)
+/** Room kept behind JI_COPY_BUFFER_BYTES so that one more row always fits. */
+#define JI_COPY_BUFFER_SLACK (16u * 1024)
+
+/* ---- request heads and connections ---- */
+/** Most bytes of one request head (request line and headers): a head is held whole while it is parsed. */
+#define JI_MAX_HEAD_BYTES 16384
+/** Most headers in one request head. */
+#define JI_MAX_HEADERS 64
+/** Longest Idempotency-Key accepted (bytes). */
+#define JI_MAX_IDEMPOTENCY_KEY_BYTES 255
+/**
+ * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
+ * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
+ */
+#define JI_SOCKET_RCVBUF_BYTES (256 * 1024)
+/** Default for --idle-timeout (seconds): a head or body that receives nothing for this long is cut. */
+#define JI_DEFAULT_IDLE_TIMEOUT_S 30
+/** How long an error answer waits for the client to stop sending before the connection closes (ms). */
+#define JI_LINGER_MS 2000
+/** Default for --max-ingests: POST /users requests running at once in the process. */
+#define JI_DEFAULT_MAX_INGESTS 64
+
+/* ---- database ---- */
+/** Idle database connections kept per worker. */
+#define JI_PG_MAX_IDLE 4
+/** A connection attempt that has not finished after this long fails (ms). */
+#define JI_PG_CONNECT_TIMEOUT_MS 10000
+/** Lower bound of the connect timeout when libpq's connect_timeout asks for less (ms). */
+#define JI_PG_CONNECT_TIMEOUT_MIN_MS 2000
+/** Retry-After (seconds) of a 503 because the database is unavailable. */
+#define JI_RETRY_AFTER_DB_S 5
+/** Retry-After (seconds) of a 503 because a limit on work in progress is reached, or the server stops. */
+#define JI_RETRY_AFTER_BUSY_S 1
+/** Between attempts to reach the database at start-up (seconds). */
+#define JI_DB_RETRY_SECONDS 1
+
+/* ---- the read side ---- */
+/** Rows fetched by one export query (keyset pagination: WHERE user_id > last ORDER BY user_id LIMIT this). */
+#define JI_EXPORT_PAGE_ROWS 1000
+/** Bytes of an image file read and sent at a time. */
+#define JI_IMAGE_CHUNK_BYTES (64u * 1024)
+/** GET /readyz answers 503 when the database round trip takes longer than this many seconds. */
+#define JI_READYZ_TIMEOUT_S 2
+
+/* ---- the process ---- */
+/** Most event-loop threads (--threads). */
+#define JI_MAX_THREADS 256
+/** How often a worker's loop wakes up to look for a stop request (ms). */
+#define JI_STOP_POLL_MS 100
+/** After SIGTERM, how long requests in flight may take before the process exits anyway (ms). */
+#define JI_STOP_GRACE_MS 30000
+
+#endif
