@@ -8,7 +8,7 @@
 #ifndef JI_ARRAY_MODE_H
 #define JI_ARRAY_MODE_H
 
-#include "ingest.h"
+#include "server.h"
 
 /** Serves `req` (its body, req->entity, is complete). Always answers; returns 0 like an h2o handler. */
 int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params);

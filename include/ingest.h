@@ -12,10 +12,38 @@
 #ifndef JI_INGEST_H
 #define JI_INGEST_H
 
+#include <h2o.h>
+#include <stdatomic.h>
 #include "common.h"
-#include "server.h"
+#include "image_store.h"
+#include "pg.h"
 
 typedef struct st_ji_ingest_t ji_ingest_t;
+
+/**
+ * Counters of the ingests of one thread, written by that thread only and read by /metrics from any thread
+ * (relaxed atomics: each value is exact, the set is not a snapshot).
+ */
+typedef struct st_ji_ingest_stats_t {
+    _Atomic uint64_t requests; /**< ingests started */
+    _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
+    _Atomic uint64_t records, images, body_bytes;
+    _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
+    _Atomic uint64_t limit_record_bytes;         /**< records over --max-record-bytes */
+} ji_ingest_stats_t;
+
+/**
+ * What an ingest needs from the thread it runs on. Owned by the caller (one per event loop), it outlives every
+ * ingest started with it. Admission (how many ingests may run, whether the database is ready) is the caller's.
+ */
+typedef struct st_ji_ingest_env_t {
+    h2o_loop_t *loop;
+    h2o_timeout_t *zero_timeout; /**< a zero-delay timeout list of `loop`: callbacks are delivered through it */
+    ji_pg_pool_t *pg_pool;
+    ji_image_store_t *images;
+    size_t max_record_bytes; /**< --max-record-bytes */
+    ji_ingest_stats_t *stats;
+} ji_ingest_env_t;
 
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip */
@@ -34,8 +62,8 @@ typedef struct st_ji_ingest_callbacks_t {
 } ji_ingest_callbacks_t;
 
 /** Starts an ingest (connects to the database, opens the transaction). NULL only when out of memory. */
-ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, const ji_ingest_callbacks_t *cb,
-                           void *owner);
+ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t *params,
+                           const ji_ingest_callbacks_t *cb, void *owner);
 
 /** Offers body bytes; returns how many were taken (less than `len`: wait for resume, or done comes). */
 size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len);

@@ -12,6 +12,7 @@
 #include "common.h"
 #include "config.h"
 #include "image_store.h"
+#include "ingest.h"
 #include "pg.h"
 
 typedef struct st_ji_worker_t ji_worker_t;
@@ -30,17 +31,10 @@ typedef struct st_ji_server_t {
     size_t token_len;
 } ji_server_t;
 
-/**
- * Counters of one worker, written by its own thread only and read by /metrics from any thread (relaxed
- * atomics: each value is exact, the set is not a snapshot).
- */
+/** Counters of one worker outside its ingests (relaxed atomics, read by /metrics from any thread). */
 typedef struct st_ji_worker_stats_t {
-    _Atomic uint64_t requests;          /**< POST /users requests that reached an ingest */
-    _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
-    _Atomic uint64_t records, images, body_bytes;
-    _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
-    _Atomic uint64_t limit_record_bytes; /**< requests refused by --max-record-bytes */
-    _Atomic uint64_t limit_ingests;      /**< requests refused because JI_MAX_INGESTS_PER_WORKER were running */
+    _Atomic uint64_t limit_ingests; /**< uploads refused because --max-ingests were running */
+    _Atomic uint64_t refused_db;    /**< uploads refused because the database was not ready */
 } ji_worker_stats_t;
 
 struct st_ji_worker_t {
@@ -54,6 +48,8 @@ struct st_ji_worker_t {
     h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
     h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
     h2o_linklist_t conns; /**< front-door connections of this worker (closed when it stops) */
+    ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
+    ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;
 };
 
@@ -62,6 +58,14 @@ static inline ji_worker_t *ji_worker_of(h2o_context_t *ctx)
 {
     return JI_CONTAINER_OF(ctx, ji_worker_t, ctx);
 }
+
+/**
+ * Admission of an upload, before any body byte is read: the database must be ready and fewer than --max-ingests
+ * uploads may run in the process. 0 = admitted (release with ji_server_release_ingest once the ingest is freed),
+ * -1 = refused (`err` filled: JI_ERR_BUSY or JI_ERR_DB; counted in the worker's stats).
+ */
+int ji_server_admit_ingest(ji_worker_t *w, ji_error_t *err) JI_MUST_CHECK;
+void ji_server_release_ingest(ji_worker_t *w);
 
 /** Runs the service until it fails to start (returns non-zero) or is stopped. */
 int ji_server_run(const ji_config_t *config);

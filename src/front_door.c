@@ -47,6 +47,7 @@ typedef struct st_ji_conn_t {
     uint64_t content_length;
     ji_body_decoder_t body;
     ji_ingest_t *ingest;
+    bool admitted; /**< holds an upload place (ji_server_admit_ingest) */
     ji_ingest_params_t params;
     char idempotency_key[256];
     bool flush_due;
@@ -93,15 +94,25 @@ static void free_gzip(ji_conn_t *c)
     c->gzip = false;
 }
 
+/** Frees the ingest (aborting it when unfinished) and gives its upload place back. */
+static void free_ingest(ji_conn_t *c)
+{
+    if (c->ingest != NULL) {
+        ji_ingest_free(c->ingest);
+        c->ingest = NULL;
+    }
+    if (c->admitted) {
+        ji_server_release_ingest(c->worker);
+        c->admitted = false;
+    }
+}
+
 static void close_conn(ji_conn_t *c)
 {
     stop_timers(c);
     if (h2o_linklist_is_linked(&c->link))
         h2o_linklist_unlink(&c->link);
-    if (c->ingest != NULL) {
-        ji_ingest_free(c->ingest); /* aborts an unfinished request */
-        c->ingest = NULL;
-    }
+    free_ingest(c);
     free_gzip(c);
     ji_text_free(&c->response);
     if (c->sock != NULL) {
@@ -320,8 +331,8 @@ static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char 
     c->state = CONN_RESPONDING;
     h2o_socket_read_stop(c->sock);
     r = build_response(c, status, body, len, retry_after, NULL);
-    ji_ingest_free(in); /* `body` belonged to it; the answer was copied */
-    c->ingest = NULL;
+    (void)in;
+    free_ingest(c); /* `body` belonged to the ingest; the answer was copied */
     if (r != 0)
         close_conn(c);
     else
@@ -482,6 +493,8 @@ static void on_read_body(h2o_socket_t *sock, const char *err)
 
 static void start_stream(ji_conn_t *c)
 {
+    ji_error_t err;
+
     h2o_buffer_consume(&c->sock->input, c->head_len);
     if (c->chunked)
         ji_body_decoder_init_chunked(&c->body);
@@ -496,7 +509,12 @@ static void start_stream(ji_conn_t *c)
     h2o_socket_read_stop(c->sock); /* nothing is read until the ingest is ready */
     if (h2o_timeout_is_linked(&c->idle_timer))
         h2o_timeout_unlink(&c->idle_timer);
-    if ((c->ingest = ji_ingest_new(c->worker, &c->params, &ingest_callbacks, c)) == NULL)
+    if (ji_server_admit_ingest(c->worker, &err) != 0) {
+        respond_error(c, err.kind, err.message);
+        return;
+    }
+    c->admitted = true;
+    if ((c->ingest = ji_ingest_new(&c->worker->ingest_env, &c->params, &ingest_callbacks, c)) == NULL)
         respond_error(c, JI_ERR_INTERNAL, "out of memory");
 }
 

@@ -44,7 +44,7 @@ typedef struct {
 } reported_error_t;
 
 struct st_ji_ingest_t {
-    ji_worker_t *worker;
+    const ji_ingest_env_t *env;
     ji_ingest_params_t params;
     const ji_ingest_callbacks_t *cb;
     void *owner;
@@ -55,7 +55,6 @@ struct st_ji_ingest_t {
     bool refused;     /**< the owner was given less than it offered: it waits for resume */
     bool record_mode; /**< records come from ji_ingest_put_record, not from body bytes */
     bool replayed;    /**< answered from an earlier request with the same Idempotency-Key */
-    bool counted;     /**< holds one of the server's --max-ingests places */
     char *idempotency_key;
     struct timespec started;
 
@@ -113,7 +112,7 @@ static void on_defer(h2o_timeout_entry_t *entry)
 static void schedule(ji_ingest_t *in)
 {
     if (!h2o_timeout_is_linked(&in->defer))
-        h2o_timeout_link(in->worker->ctx.loop, &in->worker->ctx.zero_timeout, &in->defer);
+        h2o_timeout_link(in->env->loop, in->env->zero_timeout, &in->defer);
 }
 
 static void schedule_resume(ji_ingest_t *in)
@@ -156,10 +155,10 @@ static void fail(ji_ingest_t *in, const ji_error_t *err)
     in->retry_after = ji_error_retry_after(err->kind);
     ji_text_free(&in->answer);
     ji_response_error_json(&in->answer, err);
-    atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->worker->stats.errors[err->kind], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->ingests_failed, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->errors[err->kind], 1, memory_order_relaxed);
     if (err->kind == JI_ERR_TOO_LARGE)
-        atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&in->env->stats->limit_record_bytes, 1, memory_order_relaxed);
     in->pending_done = true;
     schedule(in);
 }
@@ -347,7 +346,7 @@ static void skip_long_line(ji_ingest_t *in)
     forget_line_image(in);
     if (!in->line_failed) /* a line that failed already was reported once */
         remember_error(in, &err);
-    atomic_fetch_add_explicit(&in->worker->stats.limit_record_bytes, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->limit_record_bytes, 1, memory_order_relaxed);
     in->line_failed = false;
     if (ji_record_parser_reset(in->parser) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, err.line, NULL, "out of memory");
@@ -439,11 +438,11 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     }
     ji_image_batch_commit(in->images);
     in->images = NULL;
-    ji_pg_pool_put(in->worker->pg_pool, in->pg);
+    ji_pg_pool_put(in->env->pg_pool, in->pg);
     in->pg = NULL;
-    atomic_fetch_add_explicit(&in->worker->stats.ingests_ok, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->worker->stats.records, in->inserted, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->worker->stats.images, in->images_stored, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->ingests_ok, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->records, in->inserted, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->images, in->images_stored, memory_order_relaxed);
     succeed(in);
 }
 
@@ -636,15 +635,15 @@ static void on_connected(ji_pg_t *pg, void *ctx, const char *err)
 
 /* ------------------------------------------------------------------ public */
 
-ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, const ji_ingest_callbacks_t *cb,
-                           void *owner)
+ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t *params,
+                           const ji_ingest_callbacks_t *cb, void *owner)
 {
     ji_ingest_t *in = calloc(1, sizeof(*in));
     ji_error_t err;
 
     if (in == NULL)
         return NULL;
-    in->worker = w;
+    in->env = env;
     in->params = *params;
     in->cb = cb;
     in->owner = owner;
@@ -655,23 +654,10 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
     strcpy(in->first_id, "null");
     strcpy(in->last_id, "null");
     clock_gettime(CLOCK_MONOTONIC, &in->started);
-    ji_splitter_init(&in->splitter, w->server->config->max_record_bytes, &splitter_handler, in);
-    atomic_fetch_add_explicit(&w->stats.requests, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&w->stats.ingests_in_flight, 1, memory_order_relaxed);
+    ji_splitter_init(&in->splitter, env->max_record_bytes, &splitter_handler, in);
+    atomic_fetch_add_explicit(&env->stats->requests, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&env->stats->ingests_in_flight, 1, memory_order_relaxed);
 
-    in->counted = true;
-    if (atomic_fetch_add(&w->server->ingests_running, 1) >= w->server->config->max_ingests) {
-        atomic_fetch_add_explicit(&w->stats.limit_ingests, 1, memory_order_relaxed);
-        ji_error_set(&err, JI_ERR_BUSY, 0, NULL, "too many uploads in progress (--max-ingests %u): retry later",
-                     w->server->config->max_ingests);
-        fail(in, &err);
-        return in;
-    }
-    if (!atomic_load(&w->server->db_ready)) {
-        ji_error_set(&err, JI_ERR_DB, 0, NULL, "database unavailable: not reachable since start-up");
-        fail(in, &err);
-        return in;
-    }
     if (params->idempotency_key != NULL && (in->idempotency_key = strdup(params->idempotency_key)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         fail(in, &err);
@@ -684,11 +670,11 @@ ji_ingest_t *ji_ingest_new(ji_worker_t *w, const ji_ingest_params_t *params, con
         fail(in, &err);
         return in;
     }
-    if ((in->images = ji_image_batch_begin(&w->server->images, &err)) == NULL) {
+    if ((in->images = ji_image_batch_begin(env->images, &err)) == NULL) {
         fail(in, &err);
         return in;
     }
-    if ((in->pg = ji_pg_pool_get(w->pg_pool, on_connected, in)) == NULL) {
+    if ((in->pg = ji_pg_pool_get(env->pg_pool, on_connected, in)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         fail(in, &err);
     }
@@ -714,7 +700,7 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         skip_long_line(in);
     }
     in->bytes += consumed;
-    atomic_fetch_add_explicit(&in->worker->stats.body_bytes, consumed, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
         return consumed;
     /* rows reach the database while the body still arrives */
@@ -817,10 +803,8 @@ void ji_ingest_free(ji_ingest_t *in)
     if (in->images != NULL)
         ji_image_batch_abort(in->images);
     if (in->state != ST_DONE && in->state != ST_FAILED)
-        atomic_fetch_add_explicit(&in->worker->stats.ingests_failed, 1, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&in->worker->stats.ingests_in_flight, 1, memory_order_relaxed);
-    if (in->counted)
-        atomic_fetch_sub(&in->worker->server->ingests_running, 1);
+        atomic_fetch_add_explicit(&in->env->stats->ingests_failed, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&in->env->stats->ingests_in_flight, 1, memory_order_relaxed);
     free(in->idempotency_key);
     if (in->parser != NULL)
         ji_record_parser_free(in->parser);

@@ -988,7 +988,7 @@ static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
         return 0;
     for (unsigned i = 0; i < server->nworkers; i++) {
         ji_worker_t *w = &server->workers[i];
-        ji_worker_stats_t *s = &w->stats;
+        ji_ingest_stats_t *s = &w->ingest_stats;
         requests += LOAD(s->requests);
         ok += LOAD(s->ingests_ok);
         failed += LOAD(s->ingests_failed);
@@ -999,7 +999,7 @@ static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
         for (unsigned k = 0; k < JI_ERR_KIND_COUNT; k++)
             errors[k] += LOAD(s->errors[k]);
         lim_record += LOAD(s->limit_record_bytes);
-        lim_ingests += LOAD(s->limit_ingests);
+        lim_ingests += LOAD(w->stats.limit_ingests);
         /* the pool's counters are relaxed atomics: readable from this thread (pg.c) */
         if (w->pg_pool != NULL) {
             pg_idle += ji_pg_pool_idle(w->pg_pool);

@@ -70,6 +70,8 @@ typedef struct st_buffered_ingest_t {
     ji_gunzip_t *gunzip; /**< Content-Encoding: gzip */
     char *inflated;      /**< JI_FEED_MIN_BYTES of inflated body not yet fed */
     size_t inflated_off, inflated_len;
+    ji_worker_t *worker;
+    bool admitted; /**< holds an upload place (ji_server_admit_ingest) */
 } buffered_ingest_t;
 
 /** Inflates and feeds a gzip entity piece by piece (memory stays bounded even here). */
@@ -134,6 +136,10 @@ static void buffered_done(ji_ingest_t *in, void *owner, int status, const char *
 
     b->ingest = NULL;
     ji_ingest_free(in);
+    if (b->admitted) {
+        ji_server_release_ingest(b->worker);
+        b->admitted = false;
+    }
     ji_reply_json(req, status, copy.base, copy.len, retry_after);
 }
 
@@ -144,6 +150,8 @@ static void buffered_dispose(void *p)
     buffered_ingest_t *b = p;
     if (b->ingest != NULL)
         ji_ingest_free(b->ingest); /* the client went away: abort */
+    if (b->admitted)
+        ji_server_release_ingest(b->worker);
     if (b->gunzip != NULL)
         ji_gunzip_free(b->gunzip);
     free(b->inflated);
@@ -215,7 +223,13 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
             return 0;
         }
     }
-    if ((b->ingest = ji_ingest_new(w, &params, &buffered_callbacks, b)) == NULL)
+    b->worker = w;
+    if (ji_server_admit_ingest(w, &err) != 0) {
+        ji_reply_error(req, &err);
+        return 0;
+    }
+    b->admitted = true;
+    if ((b->ingest = ji_ingest_new(&w->ingest_env, &params, &buffered_callbacks, b)) == NULL)
         ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
     return 0;
 }
@@ -261,6 +275,30 @@ static int load_token(ji_server_t *server, const char *path)
     server->token = strdup(buf);
     server->token_len = n;
     return server->token != NULL ? 0 : -1;
+}
+
+/* ------------------------------------------------------------------ admission */
+
+int ji_server_admit_ingest(ji_worker_t *w, ji_error_t *err)
+{
+    ji_server_t *server = w->server;
+
+    if (!atomic_load(&server->db_ready)) {
+        atomic_fetch_add_explicit(&w->stats.refused_db, 1, memory_order_relaxed);
+        return ji_error_set(err, JI_ERR_DB, 0, NULL, "database unavailable: not reachable since start-up");
+    }
+    if (atomic_fetch_add(&server->ingests_running, 1) >= server->config->max_ingests) {
+        atomic_fetch_sub(&server->ingests_running, 1);
+        atomic_fetch_add_explicit(&w->stats.limit_ingests, 1, memory_order_relaxed);
+        return ji_error_set(err, JI_ERR_BUSY, 0, NULL, "too many uploads in progress (--max-ingests %u): retry later",
+                            server->config->max_ingests);
+    }
+    return 0;
+}
+
+void ji_server_release_ingest(ji_worker_t *w)
+{
+    atomic_fetch_sub(&w->server->ingests_running, 1);
 }
 
 /* ------------------------------------------------------------------ workers */
@@ -323,6 +361,14 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
         fprintf(stderr, "out of memory\n");
         return -1;
     }
+    w->ingest_env = (ji_ingest_env_t){
+        .loop = w->ctx.loop,
+        .zero_timeout = &w->ctx.zero_timeout,
+        .pg_pool = w->pg_pool,
+        .images = &server->images,
+        .max_record_bytes = server->config->max_record_bytes,
+        .stats = &w->ingest_stats,
+    };
     w->listener = h2o_evloop_socket_create(w->ctx.loop, listen_fd, H2O_SOCKET_FLAG_DONT_READ);
     w->listener->data = w;
     h2o_socket_read_start(w->listener, on_accept);
@@ -350,12 +396,12 @@ static void *worker_run(void *arg)
             stop_deadline = h2o_now(w->ctx.loop) + JI_STOP_GRACE_MS;
         }
         /* reads start no database work once stopping; wait for theirs too (ji_pg_pool_free wants none busy) */
-        if (atomic_load_explicit(&w->stats.ingests_in_flight, memory_order_relaxed) == 0 &&
+        if (atomic_load_explicit(&w->ingest_stats.ingests_in_flight, memory_order_relaxed) == 0 &&
             ji_pg_pool_busy(w->pg_pool) == 0)
             break;
         if (h2o_now(w->ctx.loop) >= stop_deadline) {
             fprintf(stderr, "stopping with %llu requests still in flight (their files are removed at next start)\n",
-                    (unsigned long long)atomic_load(&w->stats.ingests_in_flight));
+                    (unsigned long long)atomic_load(&w->ingest_stats.ingests_in_flight));
             break;
         }
     }
