@@ -24,6 +24,7 @@ typedef enum {
     JI_ERR_FORBIDDEN,       /**< 403: Origin or Host not allowed */
     JI_ERR_NOT_FOUND,       /**< 404: no such route or resource */
     JI_ERR_METHOD,          /**< 405: the route exists, the method does not */
+    JI_ERR_TOO_SLOW,        /**< 408: a body slower than --min-body-rate */
     JI_ERR_CONFLICT,        /**< 409: the Idempotency-Key's first request still runs */
     JI_ERR_TOO_LARGE,       /**< 413: record or body over a limit */
     JI_ERR_UNSUPPORTED,     /**< 415: unknown format or content encoding */

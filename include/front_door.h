@@ -1,12 +1,12 @@
 /*
- * front_door.h — every new connection starts here. The front door reads and
- * parses the request head itself (h2o 2.2.5 would buffer the whole body
- * before any handler runs). POST /users in JSON Lines is served on the
- * streaming path: the body is decoded (Content-Length or chunked) as it
- * arrives and fed to an ingest, with reading paused whenever the ingest is
- * full. Anything else is handed to h2o's HTTP/1 stack with its bytes intact
- * (h2o_http1_accept starts from what is already in sock->input). After a
- * streamed request the connection comes back here (keep-alive, pipelining).
+ * front_door.h — every connection starts and ends here. The front door reads
+ * and parses each request head itself (h2o 2.2.5 would buffer a whole body
+ * before any handler runs) and puts it through the same rules on every
+ * request of every connection: head limits, exact routes (404/405 from the
+ * head alone), Origin and Host, the bearer token and admission, all before a
+ * body byte is read. POST /users is then served by upload_stream.c; every
+ * other route by h2o's handlers through the h2o bridge, on a connection the
+ * front door keeps (keep-alive, pipelining, timeouts stay ours).
  */
 #ifndef JI_FRONT_DOOR_H
 #define JI_FRONT_DOOR_H
@@ -15,6 +15,12 @@
 
 /** Takes over a newly accepted connection. */
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock);
+
+/**
+ * Shutdown: closes connections idle between requests (answers in flight finish first, then their connections
+ * close). With `grace_over`, uploads still receiving their body are answered 503.
+ */
+void ji_front_door_drain(ji_worker_t *w, bool grace_over);
 
 /** Closes every connection the front door still holds on this worker (at stop; aborts unfinished ingests). */
 void ji_front_door_close_all(ji_worker_t *w);

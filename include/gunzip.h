@@ -44,6 +44,13 @@ int ji_gunzip_run(ji_gunzip_t *g, const char *in, size_t in_len, size_t *in_used
  */
 bool ji_gunzip_finished(const ji_gunzip_t *g);
 
+/**
+ * The end-of-body rules, in one place: after ji_gunzip_run, `trailing` input bytes it did not consume follow a
+ * finished member ("data after the end of the gzip body"); at the end of the input (`input_ended`), a member that
+ * is not finished is "corrupt gzip body: truncated". 0 when neither applies, or -1 with `err` (JI_ERR_MALFORMED).
+ */
+int ji_gunzip_check_end(const ji_gunzip_t *g, size_t trailing, bool input_ended, ji_error_t *err) JI_MUST_CHECK;
+
 /** Total inflated so far. */
 uint64_t ji_gunzip_total_out(const ji_gunzip_t *g);
 

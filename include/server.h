@@ -9,11 +9,13 @@
 
 #include <h2o.h>
 #include <stdatomic.h>
+#include "client_slots.h"
 #include "common.h"
 #include "config.h"
 #include "image_store.h"
 #include "ingest.h"
 #include "pg.h"
+#include "request_rules.h"
 
 typedef struct st_ji_worker_t ji_worker_t;
 
@@ -27,14 +29,18 @@ typedef struct st_ji_server_t {
     _Atomic bool db_ready;  /**< schema created and leftovers collected: ingests may start */
     _Atomic bool stopping;  /**< SIGTERM: no new connections, finish what runs */
     _Atomic unsigned ingests_running; /**< POST /users requests in flight, all workers (cap: --max-ingests) */
-    char *token;          /**< --token-file's token, or NULL */
-    size_t token_len;
+    char *token;                 /**< --token-file's token, or NULL */
+    ji_request_policy_t policy;  /**< token, allowed origins and hosts: what every request head is checked against */
+    ji_client_slots_t client_slots; /**< uploads running per client (--max-client-ingests) */
 } ji_server_t;
 
 /** Counters of one worker outside its ingests (relaxed atomics, read by /metrics from any thread). */
 typedef struct st_ji_worker_stats_t {
-    _Atomic uint64_t limit_ingests; /**< uploads refused because --max-ingests were running */
-    _Atomic uint64_t refused_db;    /**< uploads refused because the database was not ready */
+    _Atomic uint64_t connections_open;     /**< client connections open now */
+    _Atomic uint64_t limit_ingests;        /**< uploads refused because --max-ingests were running */
+    _Atomic uint64_t limit_client_ingests; /**< uploads refused because their client ran --max-client-ingests */
+    _Atomic uint64_t limit_body_rate;      /**< uploads cut for a body slower than --min-body-rate */
+    _Atomic uint64_t refused_db;           /**< uploads refused because the database was not ready */
 } ji_worker_stats_t;
 
 struct st_ji_worker_t {
@@ -47,6 +53,7 @@ struct st_ji_worker_t {
     h2o_timeout_t feed_flush_timeout; /**< feed a part-filled buffer after this long without more bytes */
     h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
     h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
+    h2o_timeout_t yield_timeout;      /**< 1 ms: work split in slices goes on after the loop served the others */
     h2o_linklist_t conns; /**< front-door connections of this worker (closed when it stops) */
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
@@ -69,12 +76,6 @@ void ji_server_release_ingest(ji_worker_t *w);
 
 /** Runs the service until it fails to start (returns non-zero) or is stopped. */
 int ji_server_run(const ji_config_t *config);
-
-/**
- * Whether an `Authorization` header value grants a POST (always true without --token-file). Compares in
- * constant time. `value` NULL means the header is missing.
- */
-bool ji_server_authorized(const ji_server_t *server, const char *value, size_t len);
 
 /** The `gc` command: removes image files of requests that never committed. */
 int ji_server_gc(const ji_config_t *config);

@@ -23,12 +23,20 @@
 /* ---- bodies ---- */
 /** Default for --max-array-bytes: the largest body of the JSON-array mode, which holds it whole. */
 #define JI_DEFAULT_MAX_ARRAY_BYTES (256u * 1024 * 1024)
-/** Default for --max-inflated-bytes: the most one gzip body may inflate to. */
-#define JI_DEFAULT_MAX_INFLATED_BYTES (64ull * 1024 * 1024 * 1024)
+/**
+ * Default for --max-inflated-bytes: the most one gzip body may inflate to. 16 GiB: above the biggest batch a
+ * crawler sends in one request, far below what a small compressed body could claim (gzip reaches ~1000:1).
+ */
+#define JI_DEFAULT_MAX_INFLATED_BYTES (16ull * 1024 * 1024 * 1024)
 /** yajl rescans a string that spans its input chunks: feed it at least this much at a time. */
 #define JI_FEED_MIN_BYTES (64u * 1024)
 /** A part-filled input buffer is fed after this long without more bytes (ms): small uploads are not delayed. */
 #define JI_FEED_FLUSH_MS 5
+/**
+ * Most bytes one gzip body inflates in one turn of the event loop before the connection yields: a body that
+ * inflates fast and yields little (gigabytes of newlines) must not hold the thread its other connections share.
+ */
+#define JI_INFLATE_SLICE_BYTES (1u * 1024 * 1024)
 /** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
 #define JI_INFLATE_BUFFER_BYTES (256u * 1024)
 /** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
@@ -56,6 +64,12 @@
 #define JI_LINGER_MS 2000
 /** Default for --max-ingests: POST /users requests running at once in the process. */
 #define JI_DEFAULT_MAX_INGESTS 64
+/** Default for --max-client-ingests: uploads one client (address) may run at once; a quarter of the above. */
+#define JI_DEFAULT_MAX_CLIENT_INGESTS 16
+/** Default for --min-body-rate (bytes/s): below this over a window, an upload is cut. A 9600 baud link passes. */
+#define JI_DEFAULT_MIN_BODY_RATE 1024
+/** Default for --min-body-rate-window (seconds): the window the rate is measured over. */
+#define JI_DEFAULT_MIN_BODY_RATE_WINDOW_S 20
 
 /* ---- database ---- */
 /** Idle database connections kept per worker. */
@@ -84,7 +98,9 @@
 #define JI_MAX_THREADS 256
 /** How often a worker's loop wakes up to look for a stop request (ms). */
 #define JI_STOP_POLL_MS 100
-/** After SIGTERM, how long requests in flight may take before the process exits anyway (ms). */
-#define JI_STOP_GRACE_MS 30000
+/** Default for --shutdown-grace (seconds): after SIGTERM, how long uploads in flight may take before they get 503. */
+#define JI_DEFAULT_SHUTDOWN_GRACE_S 30
+/** After the grace period, how long the 503 answers may take to be written before the process exits (ms). */
+#define JI_STOP_ANSWER_MS 2000
 
 #endif

@@ -25,8 +25,6 @@ typedef struct st_array_req_t {
     char *text;  /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
     yajl_val root;
     size_t next; /**< index of the next element to store */
-    ji_worker_t *worker;
-    bool admitted; /**< holds an upload place (ji_server_admit_ingest) */
 } array_req_t;
 
 static void array_dispose(void *p)
@@ -35,8 +33,6 @@ static void array_dispose(void *p)
 
     if (a->ingest != NULL)
         ji_ingest_free(a->ingest); /* the client went away: abort */
-    if (a->admitted)
-        ji_server_release_ingest(a->worker);
     if (a->root != NULL)
         yajl_tree_free(a->root);
     free(a->text);
@@ -266,6 +262,18 @@ Error:
     return -1;
 }
 
+int ji_array_request_admit(ji_array_request_t *ar, ji_worker_t *w, ji_error_t *err)
+{
+    (void)err;
+    ar->worker = w;
+    return 0;
+}
+
+void ji_array_request_release(ji_array_request_t *ar)
+{
+    ar->reserved = 0;
+}
+
 int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params)
 {
     array_req_t *a = h2o_mem_alloc_shared(&req->pool, sizeof(*a), array_dispose);
@@ -277,13 +285,6 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
 
     memset(a, 0, sizeof(*a));
     a->req = req;
-    a->worker = w;
-    /* an upload place before anything is built */
-    if (ji_server_admit_ingest(w, &err) != 0) {
-        ji_reply_error(req, &err);
-        return 0;
-    }
-    a->admitted = true;
     if (ce != -1 && !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len,
                                  H2O_STRLIT("identity"))) {
         h2o_iovec_t v = req->headers.entries[ce].value;

@@ -33,6 +33,7 @@ static const struct {
     [JI_ERR_FORBIDDEN] = {403, "forbidden"},
     [JI_ERR_NOT_FOUND] = {404, "not_found"},
     [JI_ERR_METHOD] = {405, "method"},
+    [JI_ERR_TOO_SLOW] = {408, "too_slow"},
     [JI_ERR_CONFLICT] = {409, "conflict"},
     [JI_ERR_TOO_LARGE] = {413, "too_large"},
     [JI_ERR_UNSUPPORTED] = {415, "unsupported"},

@@ -29,9 +29,37 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
             "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
             "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
+            "  --allowed-origins LIST    Origin values allowed to send requests, comma-separated, '*' any (default none:\n"
+            "                            a request with an Origin header is 403; curl sends none)\n"
+            "  --allowed-hosts LIST      Host names allowed, comma-separated, '*' any (default: on a loopback listener\n"
+            "                            localhost,127.0.0.1,::1 only, else any)\n"
+            "  --max-client-ingests N    uploads one client address may run at once; 0 no cap (default %u)\n"
+            "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 off (default %u)\n"
+            "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
+            "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
+            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
+            JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S);
+}
+
+/** A whole number from `min` to `max`, digits only (no sign, space or suffix). */
+static int parse_uint(const char *flag, const char *s, unsigned min, unsigned max, unsigned *out)
+{
+    unsigned long long v = 0;
+
+    for (const char *p = s; *p != '\0'; p++) {
+        if (*p < '0' || *p > '9' || v > max)
+            goto Bad;
+        v = v * 10 + (unsigned)(*p - '0');
+    }
+    if (s[0] == '\0' || v < min || v > max)
+        goto Bad;
+    *out = (unsigned)v;
+    return 0;
+Bad:
+    fprintf(stderr, "%s: expected a whole number from %u to %u, got '%s'\n", flag, min, max, s);
+    return -1;
 }
 
 static int parse_size(const char *flag, const char *s, size_t *out)
@@ -82,6 +110,12 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_INGESTS,
         OPT_IDLE_TIMEOUT,
         OPT_MAX_INFLATED,
+        OPT_ALLOWED_ORIGINS,
+        OPT_ALLOWED_HOSTS,
+        OPT_MAX_CLIENT_INGESTS,
+        OPT_MIN_BODY_RATE,
+        OPT_MIN_BODY_RATE_WINDOW,
+        OPT_SHUTDOWN_GRACE,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -96,6 +130,12 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-ingests", required_argument, NULL, OPT_MAX_INGESTS},
         {"idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT},
         {"max-inflated-bytes", required_argument, NULL, OPT_MAX_INFLATED},
+        {"allowed-origins", required_argument, NULL, OPT_ALLOWED_ORIGINS},
+        {"allowed-hosts", required_argument, NULL, OPT_ALLOWED_HOSTS},
+        {"max-client-ingests", required_argument, NULL, OPT_MAX_CLIENT_INGESTS},
+        {"min-body-rate", required_argument, NULL, OPT_MIN_BODY_RATE},
+        {"min-body-rate-window", required_argument, NULL, OPT_MIN_BODY_RATE_WINDOW},
+        {"shutdown-grace", required_argument, NULL, OPT_SHUTDOWN_GRACE},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -116,6 +156,10 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
     cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
     cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
+    cfg->max_client_ingests = JI_DEFAULT_MAX_CLIENT_INGESTS;
+    cfg->min_body_rate = JI_DEFAULT_MIN_BODY_RATE;
+    cfg->min_body_rate_window_s = JI_DEFAULT_MIN_BODY_RATE_WINDOW_S;
+    cfg->shutdown_grace_s = JI_DEFAULT_SHUTDOWN_GRACE_S;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -191,6 +235,28 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
                 cfg->idle_timeout_ms = (unsigned)n * 1000;
             break;
         }
+        case OPT_ALLOWED_ORIGINS:
+            cfg->allowed_origins = optarg;
+            break;
+        case OPT_ALLOWED_HOSTS:
+            cfg->allowed_hosts = optarg;
+            break;
+        case OPT_MAX_CLIENT_INGESTS:
+            if (parse_uint("--max-client-ingests", optarg, 0, 1000000, &cfg->max_client_ingests) != 0)
+                return -1;
+            break;
+        case OPT_MIN_BODY_RATE:
+            if (parse_uint("--min-body-rate", optarg, 0, 1u << 30, &cfg->min_body_rate) != 0)
+                return -1;
+            break;
+        case OPT_MIN_BODY_RATE_WINDOW:
+            if (parse_uint("--min-body-rate-window", optarg, 1, 3600, &cfg->min_body_rate_window_s) != 0)
+                return -1;
+            break;
+        case OPT_SHUTDOWN_GRACE:
+            if (parse_uint("--shutdown-grace", optarg, 0, 86400, &cfg->shutdown_grace_s) != 0)
+                return -1;
+            break;
         case OPT_HELP:
         case 'h':
             cfg->command = JI_CMD_HELP;

@@ -54,6 +54,15 @@ bool ji_gunzip_finished(const ji_gunzip_t *g)
     return g->finished;
 }
 
+int ji_gunzip_check_end(const ji_gunzip_t *g, size_t trailing, bool input_ended, ji_error_t *err)
+{
+    if (g->finished && trailing != 0)
+        return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
+    if (input_ended && !g->finished)
+        return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
+    return 0;
+}
+
 uint64_t ji_gunzip_total_out(const ji_gunzip_t *g)
 {
     return g->total_out;

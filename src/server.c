@@ -21,10 +21,10 @@
 
 #include "array_mode.h"
 #include "front_door.h"
+#include "h2o_bridge.h"
 #include "gunzip.h"
 #include "reads.h"
 #include "ingest.h"
-#include "request_options.h"
 #include "handler_reply.h"
 #include "json_text.h"
 #include "schema.h"
@@ -60,197 +60,34 @@ static int on_not_found(h2o_handler_t *self, h2o_req_t *req)
 }
 
 /*
- * POST /users on a connection that h2o already owns (a keep-alive connection whose first request went to an
- * h2o route): h2o has buffered the body, which is fed to the same ingest as the streaming path.
+ * /users through h2o: GET and HEAD are the export; a POST arrives here only as a JSON-array upload whose body the
+ * front door read (upload_stream.c), with its options and places in the route data.
  */
-typedef struct st_buffered_ingest_t {
-    h2o_req_t *req;
-    ji_ingest_t *ingest;
-    size_t offset;       /**< entity bytes used */
-    ji_gunzip_t *gunzip; /**< Content-Encoding: gzip */
-    char *inflated;      /**< JI_FEED_MIN_BYTES of inflated body not yet fed */
-    size_t inflated_off, inflated_len;
-    ji_worker_t *worker;
-    bool admitted; /**< holds an upload place (ji_server_admit_ingest) */
-} buffered_ingest_t;
-
-/** Inflates and feeds a gzip entity piece by piece (memory stays bounded even here). */
-static void buffered_resume_gzip(buffered_ingest_t *b, ji_ingest_t *in)
-{
-    size_t len = b->req->entity.len, used, out, taken;
-    ji_error_t err;
-
-    for (;;) {
-        if (b->inflated_len != 0) {
-            taken = ji_ingest_feed(in, b->inflated + b->inflated_off, b->inflated_len);
-            b->inflated_off += taken;
-            b->inflated_len -= taken;
-            if (b->inflated_len != 0)
-                return; /* full: resume comes again */
-        }
-        if (ji_gunzip_finished(b->gunzip)) {
-            if (b->offset == len) {
-                ji_ingest_end(in);
-                return;
-            }
-            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
-            ji_ingest_fail(in, &err);
-            return;
-        }
-        if (b->offset == len) {
-            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
-            ji_ingest_fail(in, &err);
-            return;
-        }
-        if (ji_gunzip_run(b->gunzip, b->req->entity.base + b->offset, len - b->offset, &used, b->inflated,
-                          JI_FEED_MIN_BYTES, &out, &err) != 0) {
-            ji_ingest_fail(in, &err);
-            return;
-        }
-        b->offset += used;
-        b->inflated_off = 0;
-        b->inflated_len = out;
-    }
-}
-
-static void buffered_resume(ji_ingest_t *in, void *owner)
-{
-    buffered_ingest_t *b = owner;
-    size_t len = b->req->entity.len;
-
-    if (b->gunzip != NULL) {
-        buffered_resume_gzip(b, in);
-        return;
-    }
-    b->offset += ji_ingest_feed(in, b->req->entity.base + b->offset, len - b->offset);
-    if (b->offset == len)
-        ji_ingest_end(in);
-}
-
-static void buffered_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len,
-                          unsigned retry_after)
-{
-    buffered_ingest_t *b = owner;
-    h2o_req_t *req = b->req;
-    h2o_iovec_t copy = h2o_strdup(&req->pool, body, len);
-
-    b->ingest = NULL;
-    ji_ingest_free(in);
-    if (b->admitted) {
-        ji_server_release_ingest(b->worker);
-        b->admitted = false;
-    }
-    ji_reply_json(req, status, copy.base, copy.len, retry_after);
-}
-
-static const ji_ingest_callbacks_t buffered_callbacks = {buffered_resume, buffered_done};
-
-static void buffered_dispose(void *p)
-{
-    buffered_ingest_t *b = p;
-    if (b->ingest != NULL)
-        ji_ingest_free(b->ingest); /* the client went away: abort */
-    if (b->admitted)
-        ji_server_release_ingest(b->worker);
-    if (b->gunzip != NULL)
-        ji_gunzip_free(b->gunzip);
-    free(b->inflated);
-}
-
 static int on_users(h2o_handler_t *self, h2o_req_t *req)
 {
     ji_worker_t *w = ji_worker_of(req->conn->ctx);
-    ji_request_options_t options;
-    ji_ingest_params_t params = {0};
-    buffered_ingest_t *b;
-    ji_error_t err;
-    ssize_t ct;
+    ji_array_request_t *ar;
 
     (void)self;
     if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("POST")))
         return ji_reads_handle_users(w, req);
-    ct = h2o_find_header(&req->headers, H2O_TOKEN_AUTHORIZATION, -1);
-    if (!ji_server_authorized(w->server, ct != -1 ? req->headers.entries[ct].value.base : NULL,
-                              ct != -1 ? req->headers.entries[ct].value.len : 0)) {
-        ji_reply_errorf(req, JI_ERR_UNAUTHORIZED, "missing or invalid bearer token");
+    if ((ar = ji_bridge_route_data(req)) == NULL) {
+        ji_reply_errorf(req, JI_ERR_INTERNAL, "an upload reached h2o without the front door");
         return 0;
     }
-    if ((ct = h2o_find_header_by_str(&req->headers, H2O_STRLIT("idempotency-key"), -1)) != -1) {
-        h2o_iovec_t v = req->headers.entries[ct].value;
-        if (v.len == 0 || v.len > JI_MAX_IDEMPOTENCY_KEY_BYTES) {
-            ji_reply_errorf(req, JI_ERR_MALFORMED, "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
-            return 0;
-        }
-        params.idempotency_key = h2o_strdup(&req->pool, v.base, v.len).base;
-    }
-    if (req->query_at != SIZE_MAX) {
-        const char *q = req->path.base + req->query_at + 1;
-        if (ji_request_options_parse_query(&options, q, req->path.len - req->query_at - 1, &err) != 0) {
-            ji_reply_error(req, &err);
-            return 0;
-        }
-    } else {
-        memset(&options, 0, sizeof(options));
-    }
-    params.skip_errors = options.skip_errors;
-    if (options.format == JI_FORMAT_UNDECIDED) {
-        ct = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_TYPE, -1);
-        if (ct != -1 && ji_request_content_type_is_jsonl(req->headers.entries[ct].value.base,
-                                                         req->headers.entries[ct].value.len))
-            options.format = JI_FORMAT_JSONL;
-        else if (ji_request_body_is_array(req->entity.base, req->entity.len) == 1)
-            options.format = JI_FORMAT_ARRAY;
-    }
-    if (options.format == JI_FORMAT_ARRAY) {
-        params.body_bytes = req->entity.len;
-        return ji_array_mode_handle(w, req, &params);
-    }
-
-    /* JSON Lines on a connection h2o owns: the body is already buffered, feed it to the same ingest */
-    b = h2o_mem_alloc_shared(&req->pool, sizeof(*b), buffered_dispose);
-    memset(b, 0, sizeof(*b));
-    b->req = req;
-    if ((ct = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_ENCODING, -1)) != -1) {
-        h2o_iovec_t v = req->headers.entries[ct].value;
-        if (h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) || h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
-            if ((b->gunzip = ji_gunzip_new(w->server->config->max_inflated_bytes)) == NULL ||
-                (b->inflated = malloc(JI_FEED_MIN_BYTES)) == NULL) {
-                ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
-                return 0;
-            }
-        } else if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("identity"))) {
-            ji_reply_errorf(req, JI_ERR_UNSUPPORTED, "unsupported Content-Encoding");
-            return 0;
-        }
-    }
-    b->worker = w;
-    if (ji_server_admit_ingest(w, &err) != 0) {
-        ji_reply_error(req, &err);
-        return 0;
-    }
-    b->admitted = true;
-    if ((b->ingest = ji_ingest_new(&w->ingest_env, &params, &buffered_callbacks, b)) == NULL)
-        ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
-    return 0;
+    return ji_array_mode_handle(w, req, &ar->params);
 }
 
 /* ------------------------------------------------------------------ authorization */
 
-bool ji_server_authorized(const ji_server_t *server, const char *value, size_t len)
-{
-    static const char scheme[] = "Bearer ";
+/** The Host names a loopback listener accepts by default (DNS rebinding: a page's own name is refused). */
+#define JI_LOOPBACK_HOST_NAMES "localhost,127.0.0.1,[::1]"
 
-    if (server->token == NULL)
-        return true;
-    if (value == NULL || len < sizeof(scheme) - 1 || strncasecmp(value, scheme, sizeof(scheme) - 1) != 0)
-        return false;
-    value += sizeof(scheme) - 1;
-    len -= sizeof(scheme) - 1;
-    while (len > 0 && value[0] == ' ') {
-        value++;
-        len--;
-    }
-    return len == server->token_len && CRYPTO_memcmp(value, server->token, len) == 0;
+static bool listen_is_loopback(const ji_config_t *cfg)
+{
+    const char *h = cfg->listen_host;
+    return strcmp(h, "localhost") == 0 || strncmp(h, "127.", 4) == 0 || strcmp(h, "::1") == 0 ||
+           strcmp(h, "[::1]") == 0;
 }
 
 static int load_token(ji_server_t *server, const char *path)
@@ -273,7 +110,8 @@ static int load_token(ji_server_t *server, const char *path)
         return -1;
     }
     server->token = strdup(buf);
-    server->token_len = n;
+    server->policy.token = server->token;
+    server->policy.token_len = n;
     return server->token != NULL ? 0 : -1;
 }
 
@@ -357,6 +195,7 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     h2o_timeout_init(w->ctx.loop, &w->feed_flush_timeout, JI_FEED_FLUSH_MS);
     h2o_timeout_init(w->ctx.loop, &w->idle_timeout, server->config->idle_timeout_ms);
     h2o_timeout_init(w->ctx.loop, &w->linger_timeout, JI_LINGER_MS);
+    h2o_timeout_init(w->ctx.loop, &w->yield_timeout, 1);
     if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db, JI_PG_MAX_IDLE)) == NULL) {
         fprintf(stderr, "out of memory\n");
         return -1;
@@ -376,13 +215,15 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
 }
 
 /*
- * Runs the loop until a stop was requested and nothing is in flight here (or the grace period ran out). On the
- * stop request the listener closes: new connections go to no one, requests in flight finish or roll back.
+ * Runs the loop until a stop was requested and every connection here is closed. On the stop request the
+ * listener closes (new connections go to another instance), connections idle between requests close at once,
+ * and the others close after their answer. When --shutdown-grace runs out, uploads still receiving their body
+ * are answered 503; JI_STOP_ANSWER_MS later the loop ends whatever is left (unfinished ingests roll back).
  */
 static void *worker_run(void *arg)
 {
     ji_worker_t *w = arg;
-    uint64_t stop_deadline = 0;
+    uint64_t grace_end = 0, hard_end = 0;
 
     for (;;) {
         if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
@@ -393,14 +234,19 @@ static void *worker_run(void *arg)
             h2o_socket_read_stop(w->listener);
             h2o_socket_close(w->listener);
             w->listener = NULL;
-            stop_deadline = h2o_now(w->ctx.loop) + JI_STOP_GRACE_MS;
+            grace_end = h2o_now(w->ctx.loop) + (uint64_t)w->server->config->shutdown_grace_s * 1000;
+        }
+        if (hard_end == 0 && h2o_now(w->ctx.loop) >= grace_end) {
+            ji_front_door_drain(w, true);
+            hard_end = h2o_now(w->ctx.loop) + JI_STOP_ANSWER_MS;
+        } else {
+            ji_front_door_drain(w, false);
         }
         /* reads start no database work once stopping; wait for theirs too (ji_pg_pool_free wants none busy) */
-        if (atomic_load_explicit(&w->ingest_stats.ingests_in_flight, memory_order_relaxed) == 0 &&
-            ji_pg_pool_busy(w->pg_pool) == 0)
+        if (h2o_linklist_is_empty(&w->conns) && ji_pg_pool_busy(w->pg_pool) == 0)
             break;
-        if (h2o_now(w->ctx.loop) >= stop_deadline) {
-            fprintf(stderr, "stopping with %llu requests still in flight (their files are removed at next start)\n",
+        if (hard_end != 0 && h2o_now(w->ctx.loop) >= hard_end) {
+            fprintf(stderr, "stopping with %llu uploads still in flight (their files are removed at next start)\n",
                     (unsigned long long)atomic_load(&w->ingest_stats.ingests_in_flight));
             break;
         }
@@ -512,6 +358,7 @@ static void worker_dispose(ji_worker_t *w)
     h2o_timeout_dispose(loop, &w->feed_flush_timeout);
     h2o_timeout_dispose(loop, &w->idle_timeout);
     h2o_timeout_dispose(loop, &w->linger_timeout);
+    h2o_timeout_dispose(loop, &w->yield_timeout);
     h2o_context_dispose(&w->ctx);
     h2o_evloop_destroy(loop);
 }
@@ -530,8 +377,19 @@ int ji_server_run(const ji_config_t *config)
     signal(SIGPIPE, SIG_IGN);
     if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
         return 1;
+    server.policy.allowed_origins = config->allowed_origins;
+    server.policy.allowed_hosts = config->allowed_hosts != NULL ? config->allowed_hosts
+                                  : listen_is_loopback(config)   ? JI_LOOPBACK_HOST_NAMES
+                                                                 : NULL;
+    if (ji_client_slots_init(&server.client_slots, 2 * (size_t)config->max_ingests + 16, config->max_client_ingests) !=
+        0) {
+        fprintf(stderr, "out of memory\n");
+        free(server.token);
+        return 1;
+    }
     if (ji_image_store_open(&server.images, config->images_dir, config->fsync, &err) != 0) {
         fprintf(stderr, "images directory %s: %s\n", config->images_dir, err.message);
+        ji_client_slots_dispose(&server.client_slots);
         free(server.token);
         return 1;
     }
@@ -591,6 +449,7 @@ Exit:
     free(workers);
     h2o_config_dispose(&server.h2o_config);
     ji_image_store_close(&server.images);
+    ji_client_slots_dispose(&server.client_slots);
     free(server.token);
     return ret;
 }

@@ -176,7 +176,7 @@ class Server:
                 pytest.fail(f"server exited with {self.proc.returncode} before it was ready:\n"
                             + self.log_tail(), pytrace=False)
             try:
-                st, _, _ = raw_request(self.host, self.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+                st, _, _ = raw_request(self.host, self.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
                                        b"Connection: close\r\n\r\n", timeout=1)
                 if st == 200:
                     return self
@@ -228,7 +228,7 @@ class Server:
             return ""
 
     def healthy(self):
-        st, _, _ = raw_request(self.host, self.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+        st, _, _ = raw_request(self.host, self.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
                                b"Connection: close\r\n\r\n", timeout=5)
         return st == 200
 

@@ -132,7 +132,7 @@ class Upload:
 
 
 def metric(srv, name):
-    st, _, body = helpers.raw_request(srv.host, srv.port, b"GET /metrics HTTP/1.1\r\nHost: t\r\n"
+    st, _, body = helpers.raw_request(srv.host, srv.port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
                                       b"Connection: close\r\n\r\n", timeout=5)
     assert st == 200, body[:200]
     for line in body.decode().splitlines():
@@ -148,7 +148,7 @@ def copy_in_progress(db):
 
 
 def get_status(srv, path, headers=()):
-    head = f"GET {path} HTTP/1.1\r\nHost: t\r\n" + "".join(h + "\r\n" for h in headers) + "Connection: close\r\n\r\n"
+    head = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n" + "".join(h + "\r\n" for h in headers) + "Connection: close\r\n\r\n"
     st, _, _ = helpers.raw_request(srv.host, srv.port, head.encode(), timeout=5)
     return st
 
@@ -268,7 +268,7 @@ def head_answer(srv, parts, timeout=5):
 
 def test_431_request_head_over_16_kib(server, db, tmp_path):
     body = body_of(records("big-head", 2))
-    start = b"POST /users HTTP/1.1\r\nHost: t\r\n"
+    start = b"POST /users HTTP/1.1\r\nHost: localhost\r\n"
     cases = {
         # a few long header lines, written one by one, the head never ends
         "10 long headers, one write each": [start] + [f"X-H{i}: {'v' * 2000}\r\n".encode() for i in range(10)],
@@ -556,7 +556,7 @@ def refuses_new_connections(srv):
         return True
     try:
         s.settimeout(1.0)
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         return s.recv(100) == b""
     except (socket.timeout, OSError):
         return True

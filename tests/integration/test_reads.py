@@ -58,9 +58,9 @@ def head(srv, path):
     carried no body (else the second answer would not parse). Returns the HEAD response."""
     c = helpers.HTTPConn(srv.host, srv.port)
     try:
-        c.send(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        c.send(f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         r = c.read_response(head_only=True)
-        c.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         after = c.read_response()
         assert after.status == 200 and after.json() == {"status": "ok"}, f"HEAD {path} sent a body: {after!r}"
         return r
@@ -169,7 +169,7 @@ def test_image_client_gone_mid_transfer(server, db, tmp_path):
                        inserted=1, images=1)
     for _ in range(5):
         c = helpers.HTTPConn(server.host, server.port)
-        c.send(f"GET /users/{j['first_user_id']}/image HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        c.send(f"GET /users/{j['first_user_id']}/image HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         c.sock.recv(1000)
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
         c.close()
@@ -279,7 +279,7 @@ def test_export_memory_stays_bounded(server, db, tmp_path, figures):
         size = lines = 0
         head = tail = b""
         with socket.create_connection((server.host, server.port), timeout=60) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
             while True:
                 d = s.recv(1 << 20)
                 if not d:
@@ -306,7 +306,7 @@ def test_export_client_gone_frees_everything(server, db, tmp_path):
     db.sql("INSERT INTO users (name, email) SELECT 'n' || g, 'u' || g || '@x.com' FROM generate_series(1, 30000) g")
     for i in range(12):
         c = helpers.HTTPConn(server.host, server.port)
-        c.send(b"GET /users" + (b".csv" if i % 2 else b"") + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+        c.send(b"GET /users" + (b".csv" if i % 2 else b"") + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         c.sock.recv(4096 if i % 3 else 100_000)
         if i % 4 == 0:
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")

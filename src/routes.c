@@ -1,0 +1,70 @@
+/* routes.c — the table of exact routes: path shape and allowed methods. */
+#include "routes.h"
+
+#include <string.h>
+
+static const char ALLOW_READ[] = "GET, HEAD";
+static const char ALLOW_USERS[] = "GET, HEAD, POST";
+
+static bool span_is(const char *s, size_t len, const char *lit)
+{
+    return len == strlen(lit) && memcmp(s, lit, len) == 0;
+}
+
+/** The route of a path, by shape alone. -1 when no route has that path. */
+static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
+{
+    static const struct {
+        const char *path;
+        ji_route_id_t id;
+    } fixed[] = {
+        {"/users", JI_ROUTE_USERS},     {"/users.csv", JI_ROUTE_USERS_CSV}, {"/healthz", JI_ROUTE_HEALTHZ},
+        {"/readyz", JI_ROUTE_READYZ},   {"/metrics", JI_ROUTE_METRICS},
+    };
+    static const char users[] = "/users/", image[] = "/image";
+    const char *seg, *slash;
+    size_t seg_len;
+
+    for (size_t i = 0; i < sizeof(fixed) / sizeof(fixed[0]); i++) {
+        if (span_is(p, len, fixed[i].path)) {
+            *id = fixed[i].id;
+            return 0;
+        }
+    }
+    /* /users/{segment} and /users/{segment}/image; the read side judges the segment (400 for a bad id) */
+    if (len <= sizeof(users) - 1 || memcmp(p, users, sizeof(users) - 1) != 0)
+        return -1;
+    seg = p + sizeof(users) - 1;
+    slash = memchr(seg, '/', len - (sizeof(users) - 1));
+    seg_len = slash != NULL ? (size_t)(slash - seg) : len - (sizeof(users) - 1);
+    if (seg_len == 0)
+        return -1;
+    if (slash == NULL) {
+        *id = JI_ROUTE_USER;
+        return 0;
+    }
+    if (span_is(slash, len - (size_t)(slash - p), image)) {
+        *id = JI_ROUTE_USER_IMAGE;
+        return 0;
+    }
+    return -1;
+}
+
+int ji_route_match(const char *method, size_t method_len, const char *path, size_t path_len, ji_route_t *route,
+                   ji_error_t *err)
+{
+    bool read = span_is(method, method_len, "GET") || span_is(method, method_len, "HEAD");
+
+    memset(route, 0, sizeof(*route));
+    if (route_of_path(path, path_len, &route->id) != 0)
+        return ji_error_set(err, JI_ERR_NOT_FOUND, 0, NULL, "no such route");
+    route->allow = route->id == JI_ROUTE_USERS ? ALLOW_USERS : ALLOW_READ;
+    if (read)
+        return 0;
+    if (route->id == JI_ROUTE_USERS && span_is(method, method_len, "POST")) {
+        route->upload = true;
+        return 0;
+    }
+    return ji_error_set(err, JI_ERR_METHOD, 0, NULL, "method %.*s is not allowed here (allowed: %s)",
+                        (int)(method_len < 16 ? method_len : 16), method, route->allow);
+}

@@ -1,0 +1,599 @@
+/*
+ * upload_stream.c — the body of a POST /users, from the first body byte to
+ * the answer. Places are taken before a byte is read (the client's share, an
+ * upload place); then the first body byte decides the format when nothing
+ * else did. JSON Lines stream: framing is removed in place (body_decoder),
+ * gzip is inflated in slices, and the bytes are fed to an ingest, with
+ * reading paused whenever the ingest is full. A JSON array is read whole
+ * (bounded by --max-array-bytes) and handed to the array mode through the
+ * h2o bridge. A body slower than --min-body-rate is cut.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "array_mode.h"
+#include "body_decoder.h"
+#include "conn.h"
+#include "gunzip.h"
+#include "ingest.h"
+
+typedef enum {
+    UPLOAD_SNIFF,     /**< the first body byte decides the format */
+    UPLOAD_STREAM,    /**< JSON Lines: streaming into the ingest */
+    UPLOAD_ARRAY,     /**< JSON array: reading the body whole */
+    UPLOAD_FINISHING, /**< every body byte was given to the ingest: it commits */
+    UPLOAD_ANSWERED,  /**< the answer is out (or the array mode answers) */
+} upload_state_t;
+
+struct st_ji_upload_t {
+    ji_conn_t *conn;
+    upload_state_t state;
+    ji_upload_options_t options;
+    ji_ingest_params_t params;
+    ji_body_decoder_t body;
+    bool expect_continue, continue_sent;
+    bool client_slot; /**< holds a place of --max-client-ingests */
+    bool admitted;    /**< holds an upload place (--max-ingests, database ready) */
+    ji_ingest_t *ingest;
+
+    /* feeding */
+    bool flush_due;
+    h2o_timeout_entry_t flush_timer; /**< feeds a part-filled buffer after JI_FEED_FLUSH_MS */
+    h2o_timeout_entry_t yield_timer; /**< goes on after a slice of work, once the loop served others */
+
+    /* Content-Encoding: gzip */
+    ji_gunzip_t *gunzip;
+    char *inflated; /**< JI_INFLATE_BUFFER_BYTES of inflated body */
+    size_t inflated_off, inflated_len;
+
+    /* the JSON-array mode */
+    char *head_copy; /**< the request head, for the h2o request built when the body is complete */
+    size_t head_len;
+    char *array_body;
+    size_t array_len, array_cap;
+    ji_array_request_t array_request;
+
+    /* --min-body-rate */
+    h2o_timeout_entry_t rate_timer; /**< once a second while the body is read */
+    uint64_t rate_bytes;            /**< wire bytes read in the current window */
+    unsigned rate_seconds;          /**< seconds of the current window spent waiting for the client */
+};
+
+static void process_body(ji_upload_t *u);
+static void on_read_body(h2o_socket_t *sock, const char *err);
+
+static const ji_config_t *config_of(const ji_upload_t *u)
+{
+    return u->conn->worker->server->config;
+}
+
+/* ------------------------------------------------------------------ lifetime */
+
+void ji_upload_free(ji_upload_t *u)
+{
+    ji_worker_t *w = u->conn->worker;
+
+    if (h2o_timeout_is_linked(&u->flush_timer))
+        h2o_timeout_unlink(&u->flush_timer);
+    if (h2o_timeout_is_linked(&u->yield_timer))
+        h2o_timeout_unlink(&u->yield_timer);
+    if (h2o_timeout_is_linked(&u->rate_timer))
+        h2o_timeout_unlink(&u->rate_timer);
+    if (u->ingest != NULL)
+        ji_ingest_free(u->ingest); /* aborts an unfinished request */
+    ji_array_request_release(&u->array_request);
+    if (u->admitted)
+        ji_server_release_ingest(w);
+    if (u->client_slot)
+        ji_client_slots_release(&w->server->client_slots, u->conn->client);
+    ji_gunzip_free(u->gunzip);
+    free(u->inflated);
+    free(u->head_copy);
+    free(u->array_body);
+    free(u);
+}
+
+/** Answers and lets the connection go on (keep-alive only when the whole body was read). */
+static void answer(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after)
+{
+    ji_conn_t *c = u->conn;
+
+    u->state = UPLOAD_ANSWERED;
+    c->body_unread = !ji_body_decoder_done(&u->body);
+    ji_conn_respond(c, status, body, len, retry_after, NULL);
+}
+
+static void answer_error(ji_upload_t *u, const ji_error_t *err)
+{
+    u->state = UPLOAD_ANSWERED;
+    u->conn->body_unread = !ji_body_decoder_done(&u->body);
+    ji_conn_respond_error(u->conn, err);
+}
+
+/** Fails the request: through the ingest when there is one (it rolls back, then answers), else at once. */
+static void fail(ji_upload_t *u, const ji_error_t *err)
+{
+    if (u->state == UPLOAD_ANSWERED)
+        return;
+    ji_conn_pause_reading(u->conn);
+    if (u->ingest != NULL)
+        ji_ingest_fail(u->ingest, err);
+    else
+        answer_error(u, err);
+}
+
+/* ------------------------------------------------------------------ timers */
+
+void ji_upload_idle(ji_upload_t *u)
+{
+    ji_error_t err;
+
+    ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "request body stalled: no bytes for %u ms",
+                 (unsigned)u->conn->worker->idle_timeout.timeout);
+    fail(u, &err);
+}
+
+void ji_upload_stop(ji_upload_t *u)
+{
+    ji_error_t err;
+
+    if (u->state == UPLOAD_FINISHING || u->state == UPLOAD_ANSWERED)
+        return;
+    ji_error_set(&err, JI_ERR_STOPPING, 0, NULL, "the server is shutting down: upload again (nothing was committed)");
+    fail(u, &err);
+}
+
+static void on_rate_timer(h2o_timeout_entry_t *entry)
+{
+    ji_upload_t *u = JI_CONTAINER_OF(entry, ji_upload_t, rate_timer);
+    const ji_config_t *cfg = config_of(u);
+    ji_error_t err;
+
+    if (u->state != UPLOAD_SNIFF && u->state != UPLOAD_STREAM && u->state != UPLOAD_ARRAY)
+        return;
+    h2o_timeout_link(u->conn->worker->ctx.loop, &u->conn->worker->ctx.one_sec_timeout, &u->rate_timer);
+    if (!u->conn->reading)
+        return; /* the server is the slow side: the client is not timed */
+    if (++u->rate_seconds < cfg->min_body_rate_window_s)
+        return;
+    if (u->rate_bytes < (uint64_t)cfg->min_body_rate * cfg->min_body_rate_window_s) {
+        atomic_fetch_add_explicit(&u->conn->worker->stats.limit_body_rate, 1, memory_order_relaxed);
+        ji_error_set(&err, JI_ERR_TOO_SLOW, 0, NULL,
+                     "request body slower than --min-body-rate (%u bytes/s over %u s): %llu bytes in the last window",
+                     cfg->min_body_rate, cfg->min_body_rate_window_s, (unsigned long long)u->rate_bytes);
+        fail(u, &err);
+        return;
+    }
+    u->rate_seconds = 0;
+    u->rate_bytes = 0;
+}
+
+static void on_flush_timer(h2o_timeout_entry_t *entry)
+{
+    ji_upload_t *u = JI_CONTAINER_OF(entry, ji_upload_t, flush_timer);
+
+    u->flush_due = true;
+    process_body(u);
+}
+
+static void on_yield_timer(h2o_timeout_entry_t *entry)
+{
+    ji_upload_t *u = JI_CONTAINER_OF(entry, ji_upload_t, yield_timer);
+
+    if (u->state != UPLOAD_STREAM)
+        return;
+    ji_conn_resume_reading(u->conn, on_read_body);
+    process_body(u);
+}
+
+/** Stops for this turn of the event loop: others get served, then process_body goes on. */
+static void yield(ji_upload_t *u)
+{
+    ji_conn_pause_reading(u->conn);
+    if (!h2o_timeout_is_linked(&u->yield_timer))
+        h2o_timeout_link(u->conn->worker->ctx.loop, &u->conn->worker->yield_timeout, &u->yield_timer);
+}
+
+/* ------------------------------------------------------------------ 100 Continue */
+
+static void on_continue_written(h2o_socket_t *sock, const char *err)
+{
+    ji_conn_t *c = sock->data;
+    ji_upload_t *u = c->upload;
+
+    if (err != NULL) {
+        ji_conn_close(c);
+        return;
+    }
+    if (c->response_pending) {
+        ji_conn_send_pending(c);
+        return;
+    }
+    if (u != NULL && (u->state == UPLOAD_SNIFF || u->state == UPLOAD_STREAM || u->state == UPLOAD_ARRAY)) {
+        ji_conn_resume_reading(c, on_read_body);
+        process_body(u);
+    }
+}
+
+static void send_continue(ji_upload_t *u)
+{
+    static h2o_iovec_t line = {H2O_STRLIT("HTTP/1.1 100 Continue\r\n\r\n")};
+
+    u->continue_sent = true;
+    ji_conn_pause_reading(u->conn);
+    h2o_socket_write(u->conn->sock, &line, 1, on_continue_written);
+}
+
+/** Reads body bytes (after the 100 Continue when the client waits for one). */
+static void read_body(ji_upload_t *u)
+{
+    if (u->expect_continue && !u->continue_sent) {
+        send_continue(u);
+        return;
+    }
+    if (ji_conn_is_writing(u->conn))
+        return; /* on_continue_written goes on */
+    ji_conn_resume_reading(u->conn, on_read_body);
+    process_body(u);
+}
+
+/* ------------------------------------------------------------------ the ingest's callbacks */
+
+static void on_ingest_resume(ji_ingest_t *in, void *owner)
+{
+    ji_upload_t *u = owner;
+
+    (void)in;
+    if (u->state == UPLOAD_STREAM)
+        read_body(u);
+}
+
+static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len,
+                           unsigned retry_after)
+{
+    ji_upload_t *u = owner;
+    ji_text_t copy = {0};
+
+    if (status != 200)
+        fprintf(stderr, "%s: POST /users %d %.*s", u->conn->client, status, (int)len, body);
+    /* `body` belongs to the ingest: copy it, free the ingest, then answer (which may close the connection) */
+    ji_text_append(&copy, body, len);
+    ji_ingest_free(in);
+    u->ingest = NULL;
+    if (copy.failed) {
+        ji_text_free(&copy);
+        ji_conn_close(u->conn);
+        return;
+    }
+    answer(u, status, copy.base, copy.len, retry_after);
+    ji_text_free(&copy);
+}
+
+static const ji_ingest_callbacks_t ingest_callbacks = {on_ingest_resume, on_ingest_done};
+
+/* ------------------------------------------------------------------ the streamed body */
+
+/** Every body byte was given to the ingest: stop reading and let it commit. */
+static void body_complete(ji_upload_t *u)
+{
+    ji_conn_pause_reading(u->conn);
+    u->state = UPLOAD_FINISHING;
+    ji_ingest_end(u->ingest);
+}
+
+/*
+ * yajl rescans a string that spans the chunks it is fed: feed a good amount at a time unless the body ended
+ * or nothing more came for a moment. Returns true when `have` bytes should wait for more (timer armed).
+ */
+static bool wait_for_more(ji_upload_t *u, size_t have, bool ended)
+{
+    if (ended || have >= JI_FEED_MIN_BYTES || u->flush_due) {
+        u->flush_due = false;
+        if (h2o_timeout_is_linked(&u->flush_timer))
+            h2o_timeout_unlink(&u->flush_timer);
+        return false;
+    }
+    if (have != 0 && !h2o_timeout_is_linked(&u->flush_timer))
+        h2o_timeout_link(u->conn->worker->ctx.loop, &u->conn->worker->feed_flush_timeout, &u->flush_timer);
+    return true;
+}
+
+static void consume_wire(ji_upload_t *u, size_t n)
+{
+    if (n != 0) {
+        h2o_buffer_consume(&u->conn->sock->input, n);
+        ji_body_decoder_consumed(&u->body, n);
+    }
+}
+
+/*
+ * Content-Encoding: gzip — wire bytes are inflated into u->inflated, which is fed to the ingest. At most
+ * JI_INFLATE_SLICE_BYTES are inflated per turn of the event loop, whatever the body inflates to.
+ */
+static void process_gzip(ji_upload_t *u, size_t avail)
+{
+    uint64_t slice_end = ji_gunzip_total_out(u->gunzip) + JI_INFLATE_SLICE_BYTES;
+    ji_error_t err;
+
+    for (;;) {
+        bool wire_done;
+        size_t taken;
+
+        if (u->inflated_len < JI_INFLATE_BUFFER_BYTES && avail != 0) {
+            size_t used = 0, out = 0;
+            if (ji_gunzip_total_out(u->gunzip) >= slice_end) {
+                yield(u);
+                return;
+            }
+            if (u->inflated_off != 0) {
+                memmove(u->inflated, u->inflated + u->inflated_off, u->inflated_len);
+                u->inflated_off = 0;
+            }
+            if (ji_gunzip_run(u->gunzip, u->conn->sock->input->bytes, avail, &used, u->inflated + u->inflated_len,
+                              JI_INFLATE_BUFFER_BYTES - u->inflated_len, &out, &err) != 0) {
+                fail(u, &err);
+                return;
+            }
+            consume_wire(u, used);
+            avail -= used;
+            u->inflated_len += out;
+            if (ji_gunzip_check_end(u->gunzip, avail, false, &err) != 0) {
+                fail(u, &err);
+                return;
+            }
+        }
+        wire_done = ji_body_decoder_done(&u->body);
+        if (wire_done && u->inflated_len == 0) {
+            if (ji_gunzip_check_end(u->gunzip, 0, true, &err) != 0) {
+                fail(u, &err);
+                return;
+            }
+            body_complete(u);
+            return;
+        }
+        if (u->inflated_len == 0 ||
+            wait_for_more(u, u->inflated_len, wire_done || u->inflated_len == JI_INFLATE_BUFFER_BYTES))
+            return;
+        taken = ji_ingest_feed(u->ingest, u->inflated + u->inflated_off, u->inflated_len);
+        u->inflated_off += taken;
+        u->inflated_len -= taken;
+        if (u->inflated_len != 0) {
+            ji_conn_pause_reading(u->conn); /* full: the ingest resumes us */
+            return;
+        }
+        u->inflated_off = 0;
+    }
+}
+
+static void process_stream(ji_upload_t *u, size_t avail)
+{
+    size_t taken;
+
+    if (u->gunzip != NULL) {
+        process_gzip(u, avail);
+        return;
+    }
+    if (wait_for_more(u, avail, u->body.complete))
+        return;
+    taken = avail != 0 ? ji_ingest_feed(u->ingest, u->conn->sock->input->bytes, avail) : 0;
+    consume_wire(u, taken);
+    if (taken < avail) {
+        ji_conn_pause_reading(u->conn); /* full: the ingest resumes us */
+        return;
+    }
+    if (ji_body_decoder_done(&u->body))
+        body_complete(u);
+}
+
+/* ------------------------------------------------------------------ the JSON-array body */
+
+static void array_body_complete(ji_upload_t *u)
+{
+    ji_conn_t *c = u->conn;
+    ji_request_head_t head;
+    ji_error_t err;
+
+    ji_conn_pause_reading(c);
+    /* the head was consumed with the body's first bytes: parse the kept copy again for the h2o request */
+    if (ji_request_head_parse(&head, u->head_copy, u->head_len, &err) != 0) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "the request head changed");
+        answer_error(u, &err);
+        return;
+    }
+    u->state = UPLOAD_ANSWERED;
+    u->array_request.params = u->params;
+    u->array_request.params.body_bytes = u->array_len;
+    ji_conn_bridge(c, &head, h2o_iovec_init(u->array_body != NULL ? u->array_body : "", u->array_len),
+                   &u->array_request);
+}
+
+static void process_array(ji_upload_t *u, size_t avail)
+{
+    size_t max = config_of(u)->max_array_bytes;
+    ji_error_t err;
+
+    if (avail != 0) {
+        if (u->array_len + avail > max) {
+            ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)", max);
+            fail(u, &err);
+            return;
+        }
+        if (u->array_len + avail > u->array_cap) {
+            size_t cap = u->array_cap != 0 ? u->array_cap : JI_FEED_MIN_BYTES;
+            char *p;
+            while (cap < u->array_len + avail)
+                cap *= 2;
+            if (cap > max)
+                cap = max;
+            if ((p = realloc(u->array_body, cap)) == NULL) {
+                ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+                fail(u, &err);
+                return;
+            }
+            u->array_body = p;
+            u->array_cap = cap;
+        }
+        memcpy(u->array_body + u->array_len, u->conn->sock->input->bytes, avail);
+        u->array_len += avail;
+        consume_wire(u, avail);
+    }
+    if (ji_body_decoder_done(&u->body))
+        array_body_complete(u);
+}
+
+/* ------------------------------------------------------------------ choosing the format */
+
+static int start_stream(ji_upload_t *u, ji_error_t *err)
+{
+    ji_worker_t *w = u->conn->worker;
+
+    u->state = UPLOAD_STREAM;
+    if (u->options.encoding == JI_ENCODING_GZIP &&
+        ((u->gunzip = ji_gunzip_new(config_of(u)->max_inflated_bytes)) == NULL ||
+         (u->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL))
+        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+    ji_conn_pause_reading(u->conn); /* nothing is read until the ingest is ready: it resumes us */
+    if ((u->ingest = ji_ingest_new(&w->ingest_env, &u->params, &ingest_callbacks, u)) == NULL)
+        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+    return 0;
+}
+
+static int start_array(ji_upload_t *u, ji_error_t *err)
+{
+    if (u->body.chunked == false && u->body.remaining > config_of(u)->max_array_bytes)
+        return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
+                            config_of(u)->max_array_bytes);
+    if (ji_array_request_admit(&u->array_request, u->conn->worker, err) != 0)
+        return -1;
+    u->state = UPLOAD_ARRAY;
+    return 0;
+}
+
+/** The first body byte decides. Returns true when the format is known (or the request failed). */
+static bool sniff(ji_upload_t *u, size_t avail)
+{
+    ji_error_t err;
+    int r;
+
+    if (u->options.encoding == JI_ENCODING_GZIP)
+        r = 0; /* the first inflated byte is not at hand: gzip bodies without a format are JSON Lines */
+    else if ((r = ji_body_is_array(u->conn->sock->input->bytes, avail)) < 0)
+        r = ji_body_decoder_done(&u->body) || avail >= JI_MAX_SNIFF_BYTES ? 0 : -1;
+    if (r < 0)
+        return false; /* not yet */
+    if ((r == 1 ? start_array(u, &err) : start_stream(u, &err)) != 0) {
+        fail(u, &err);
+        return true;
+    }
+    return true;
+}
+
+static void process_body(ji_upload_t *u)
+{
+    ji_conn_t *c = u->conn;
+    h2o_buffer_t *input = c->sock->input;
+    size_t buf_len = input->size, avail = 0;
+    ji_error_t err;
+
+    if (u->state != UPLOAD_SNIFF && u->state != UPLOAD_STREAM && u->state != UPLOAD_ARRAY)
+        return;
+    if (ji_body_decoder_prepare(&u->body, input->bytes, &buf_len, &avail, &err) != 0) {
+        fail(u, &err);
+        return;
+    }
+    input->size = buf_len;
+    switch (u->state) {
+    case UPLOAD_SNIFF:
+        if (!sniff(u, avail) || u->state != UPLOAD_ARRAY)
+            return; /* the ingest resumes a stream when it is ready */
+        process_array(u, avail);
+        return;
+    case UPLOAD_STREAM:
+        process_stream(u, avail);
+        return;
+    case UPLOAD_ARRAY:
+        process_array(u, avail);
+        return;
+    default:
+        return;
+    }
+}
+
+static void on_read_body(h2o_socket_t *sock, const char *err)
+{
+    ji_conn_t *c = sock->data;
+    ji_upload_t *u = c->upload;
+
+    if (err != NULL) {
+        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed) */
+        ji_conn_close(c);
+        return;
+    }
+    ji_conn_touch(c);
+    u->rate_bytes += sock->bytes_read;
+    process_body(u);
+}
+
+/* ------------------------------------------------------------------ start */
+
+void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_upload_options_t *options)
+{
+    ji_worker_t *w = c->worker;
+    ji_upload_t *u = calloc(1, sizeof(*u));
+    ji_error_t err;
+
+    if (u == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        c->body_unread = true;
+        ji_conn_respond_error(c, &err);
+        return;
+    }
+    c->upload = u;
+    u->conn = c;
+    u->options = *options;
+    u->state = UPLOAD_SNIFF;
+    u->expect_continue = head->expect_continue;
+    u->flush_timer.cb = on_flush_timer;
+    u->yield_timer.cb = on_yield_timer;
+    u->rate_timer.cb = on_rate_timer;
+    u->params.skip_errors = options->skip_errors;
+    u->params.idempotency_key = options->idempotency_key[0] != '\0' ? u->options.idempotency_key : NULL;
+    c->body_unread = ji_request_has_body(head);
+    if (head->chunked)
+        ji_body_decoder_init_chunked(&u->body);
+    else
+        ji_body_decoder_init_length(&u->body, head->content_length);
+
+    /* places before any body byte is read */
+    if (ji_client_slots_take(&w->server->client_slots, c->client, &err) != 0) {
+        atomic_fetch_add_explicit(&w->stats.limit_client_ingests, 1, memory_order_relaxed);
+        answer_error(u, &err);
+        return;
+    }
+    u->client_slot = true;
+    if (ji_server_admit_ingest(w, &err) != 0) {
+        answer_error(u, &err);
+        return;
+    }
+    u->admitted = true;
+    if ((u->head_copy = malloc(head->head_len)) == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        answer_error(u, &err);
+        return;
+    }
+    memcpy(u->head_copy, c->sock->input->bytes, head->head_len);
+    u->head_len = head->head_len;
+    h2o_buffer_consume(&c->sock->input, head->head_len);
+
+    if (options->format != JI_FORMAT_UNDECIDED) {
+        if ((options->format == JI_FORMAT_ARRAY ? start_array(u, &err) : start_stream(u, &err)) != 0) {
+            answer_error(u, &err);
+            return;
+        }
+    }
+    if (config_of(u)->min_body_rate != 0)
+        h2o_timeout_link(w->ctx.loop, &w->ctx.one_sec_timeout, &u->rate_timer);
+    if (u->state != UPLOAD_STREAM)
+        read_body(u); /* a stream reads once its ingest is ready */
+}
