@@ -18,11 +18,14 @@
 
 typedef struct st_ji_bridge_t ji_bridge_t;
 
-/**
- * The answer was written (`reusable`: the connection may carry another request) or the request ended early
- * (client gone, send timeout: not reusable). The bridge is already freed when this runs.
- */
-typedef void (*ji_bridge_done_cb)(void *owner, bool reusable);
+typedef enum {
+    JI_BRIDGE_KEEP_ALIVE, /**< the answer was written; the connection may carry another request */
+    JI_BRIDGE_CLOSE,      /**< the answer was written; the connection must close (Connection: close) */
+    JI_BRIDGE_FAILED,     /**< the write failed or timed out: a write may still be pending, close at once */
+} ji_bridge_end_t;
+
+/** The request ended. The bridge is already freed when this runs. */
+typedef void (*ji_bridge_done_cb)(void *owner, ji_bridge_end_t end);
 
 typedef struct st_ji_bridge_params_t {
     h2o_accept_ctx_t *accept_ctx;

@@ -72,10 +72,10 @@ typedef struct st_ji_request_policy_t {
 /**
  * Origin, Host and the bearer token, in that order. 0, or -1 with `err`: 403 for an Origin that is not allowed
  * or a Host that is not allowed, 401 for a missing or wrong token (compared in constant time). `needs_token`
- * says whether the route requires the token when one is configured.
+ * says whether the route requires the token when one is configured; `check_host` whether the Host is judged.
  */
 int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token,
-                            ji_error_t *err) JI_MUST_CHECK;
+                            bool check_host, ji_error_t *err) JI_MUST_CHECK;
 
 /* ---- POST /users ---- */
 

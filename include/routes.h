@@ -23,6 +23,7 @@ typedef enum {
 typedef struct st_ji_route_t {
     ji_route_id_t id;
     bool upload;       /**< the method makes it an upload (POST /users): bearer token, admission, body */
+    bool probe;        /**< a health probe (/healthz, /readyz): no Host check (load balancers send their own) */
     const char *allow; /**< the route's methods, for Allow */
 } ji_route_t;
 

@@ -1,7 +1,7 @@
 /*
  * server.h — the process: h2o configuration and handlers shared by all
  * threads, and one worker per thread (its own event loop, h2o context,
- * listening socket with SO_REUSEPORT, database pool and timers). Nothing is
+ * a share of the one listening socket, database pool and timers). Nothing is
  * shared between workers but read-only configuration.
  */
 #ifndef JI_SERVER_H
@@ -41,6 +41,7 @@ typedef struct st_ji_worker_stats_t {
     _Atomic uint64_t limit_client_ingests; /**< uploads refused because their client ran --max-client-ingests */
     _Atomic uint64_t limit_body_rate;      /**< uploads cut for a body slower than --min-body-rate */
     _Atomic uint64_t refused_db;           /**< uploads refused because the database was not ready */
+    _Atomic uint64_t accept_paused;        /**< times accepting paused for want of file descriptors */
 } ji_worker_stats_t;
 
 struct st_ji_worker_t {
@@ -54,6 +55,8 @@ struct st_ji_worker_t {
     h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
     h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
     h2o_timeout_t yield_timeout;      /**< 1 ms: work split in slices goes on after the loop served the others */
+    h2o_timeout_t accept_pause_timeout; /**< out of file descriptors: accepting pauses this long */
+    h2o_timeout_entry_t accept_pause;
     h2o_linklist_t conns; /**< front-door connections of this worker (closed when it stops) */
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;

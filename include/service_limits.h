@@ -71,6 +71,11 @@
 /** Default for --min-body-rate-window (seconds): the window the rate is measured over. */
 #define JI_DEFAULT_MIN_BODY_RATE_WINDOW_S 20
 
+/** Connections one loop accepts per readiness event before it serves the others. */
+#define JI_ACCEPT_BATCH 16
+/** Out of file descriptors, accepting pauses this long (ms) instead of spinning on a readable listener. */
+#define JI_ACCEPT_PAUSE_MS 100
+
 /* ---- database ---- */
 /** Idle database connections kept per worker. */
 #define JI_PG_MAX_IDLE 4

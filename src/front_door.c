@@ -232,7 +232,9 @@ static void refuse(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t
     char extra[64];
 
     if (head == NULL || ji_request_has_body(head))
-        c->body_unread = true;
+        c->body_unread = true; /* the connection closes after the answer */
+    else
+        h2o_buffer_consume(&c->sock->input, head->head_len);
     if (allow != NULL) {
         ji_text_t body = {0};
         ji_response_error_json(&body, err);
@@ -251,7 +253,7 @@ static void refuse(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t
 
 /* ------------------------------------------------------------------ h2o routes */
 
-static void on_bridge_done(void *owner, bool reusable)
+static void on_bridge_done(void *owner, ji_bridge_end_t end)
 {
     ji_conn_t *c = owner;
 
@@ -261,7 +263,11 @@ static void on_bridge_done(void *owner, bool reusable)
         ji_upload_free(c->upload);
         c->upload = NULL;
     }
-    after_answer(c, reusable);
+    if (end == JI_BRIDGE_FAILED) {
+        ji_conn_close(c); /* a write may be pending: closing drops it */
+        return;
+    }
+    after_answer(c, end == JI_BRIDGE_KEEP_ALIVE);
 }
 
 void ji_conn_bridge(ji_conn_t *c, const ji_request_head_t *head, h2o_iovec_t entity, void *route_data)
@@ -311,7 +317,7 @@ static void process_head(ji_conn_t *c)
         refuse(c, &head, &err, err.kind == JI_ERR_METHOD ? route.allow : NULL);
         return;
     }
-    if (ji_request_check_policy(&head, &server->policy, route.upload, &err) != 0) {
+    if (ji_request_check_policy(&head, &server->policy, route.upload, !route.probe, &err) != 0) {
         refuse(c, &head, &err, NULL);
         return;
     }
@@ -346,7 +352,7 @@ static void on_read_head(h2o_socket_t *sock, const char *err)
         ji_conn_close(c);
         return;
     }
-    ji_conn_touch(c);
+    /* no touch: a head must be complete within --idle-timeout of its first wait, however it trickles */
     process_head(c);
 }
 

@@ -70,13 +70,13 @@ static void bridge_free(ji_bridge_t *b)
     free(b);
 }
 
-static void finish(ji_bridge_t *b, bool reusable)
+static void finish(ji_bridge_t *b, ji_bridge_end_t end)
 {
     ji_bridge_done_cb done = b->params.done;
     void *owner = b->params.owner;
 
     bridge_free(b);
-    done(owner, reusable);
+    done(owner, end);
 }
 
 void ji_bridge_abort(ji_bridge_t *b)
@@ -87,7 +87,7 @@ void ji_bridge_abort(ji_bridge_t *b)
 static void on_send_timeout(h2o_timeout_entry_t *entry)
 {
     ji_bridge_t *b = JI_CONTAINER_OF(entry, ji_bridge_t, send_timer);
-    finish(b, false); /* the owner closes the socket, which drops the write in flight */
+    finish(b, JI_BRIDGE_FAILED); /* the owner closes the socket, which drops the write in flight */
 }
 
 /* ------------------------------------------------------------------ writing */
@@ -100,11 +100,11 @@ static void on_written(h2o_socket_t *sock, const char *err)
     if (h2o_timeout_is_linked(&b->send_timer))
         h2o_timeout_unlink(&b->send_timer);
     if (err != NULL) {
-        finish(b, false);
+        finish(b, JI_BRIDGE_FAILED);
         return;
     }
     if (b->final_sent) {
-        finish(b, b->persistent);
+        finish(b, b->persistent ? JI_BRIDGE_KEEP_ALIVE : JI_BRIDGE_CLOSE);
         return;
     }
     h2o_proceed_response(&b->req);

@@ -230,14 +230,14 @@ static bool token_matches(const ji_request_policy_t *p, const struct phr_header 
 }
 
 int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token,
-                            ji_error_t *err)
+                            bool check_host, ji_error_t *err)
 {
     if (h->origin != NULL &&
         (p->allowed_origins == NULL ||
          !any_element(p->allowed_origins, strlen(p->allowed_origins), element_is_exact, h->origin)))
         return ji_error_set(err, JI_ERR_FORBIDDEN, 0, NULL, "Origin %.*s is not in --allowed-origins",
                             (int)(h->origin->value_len < 100 ? h->origin->value_len : 100), h->origin->value);
-    if (h->host != NULL && p->allowed_hosts != NULL &&
+    if (check_host && h->host != NULL && p->allowed_hosts != NULL &&
         !any_element(p->allowed_hosts, strlen(p->allowed_hosts), element_is_host, h->host))
         return ji_error_set(err, JI_ERR_FORBIDDEN, 0, NULL, "Host %.*s is not in --allowed-hosts",
                             (int)(h->host->value_len < 100 ? h->host->value_len : 100), h->host->value);

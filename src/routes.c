@@ -59,6 +59,7 @@ int ji_route_match(const char *method, size_t method_len, const char *path, size
     if (route_of_path(path, path_len, &route->id) != 0)
         return ji_error_set(err, JI_ERR_NOT_FOUND, 0, NULL, "no such route");
     route->allow = route->id == JI_ROUTE_USERS ? ALLOW_USERS : ALLOW_READ;
+    route->probe = route->id == JI_ROUTE_HEALTHZ || route->id == JI_ROUTE_READYZ;
     if (read)
         return 0;
     if (route->id == JI_ROUTE_USERS && span_is(method, method_len, "POST")) {

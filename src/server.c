@@ -2,12 +2,13 @@
  * server.c — process start-up and the workers: opens the images directory,
  * creates the schema and removes what crashed requests left (blocking, before
  * any loop runs), registers the h2o handlers, then runs one event loop per
- * thread, each with its own listening socket (SO_REUSEPORT), h2o context and
+ * thread, all sharing one listening socket, each with its own h2o context and
  * database pool.
  */
 #include "server.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <openssl/crypto.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -160,8 +161,8 @@ static int open_listener(const ji_config_t *cfg)
     for (ai = res; ai != NULL; ai = ai->ai_next) {
         if ((fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0)) == -1)
             continue;
-        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
-            setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof(on)) == 0 && bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+        /* no SO_REUSEPORT: a second process on the same address fails here instead of splitting the traffic */
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 && bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
             listen(fd, SOMAXCONN) == 0)
             break;
         close(fd);
@@ -173,6 +174,21 @@ static int open_listener(const ji_config_t *cfg)
     return fd;
 }
 
+static void on_accept(h2o_socket_t *listener, const char *err);
+
+static void on_accept_pause_end(h2o_timeout_entry_t *entry)
+{
+    ji_worker_t *w = JI_CONTAINER_OF(entry, ji_worker_t, accept_pause);
+
+    if (w->listener != NULL)
+        h2o_socket_read_start(w->listener, on_accept);
+}
+
+/*
+ * Every worker's loop watches the one listening socket; the first free loop takes a connection (the others find
+ * nothing to accept). Out of file descriptors (EMFILE, ENFILE) the socket stays readable: stop accepting for
+ * JI_ACCEPT_PAUSE_MS instead of spinning.
+ */
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
     ji_worker_t *w = listener->data;
@@ -180,8 +196,18 @@ static void on_accept(h2o_socket_t *listener, const char *err)
 
     if (err != NULL)
         return;
-    while ((sock = h2o_evloop_socket_accept(listener)) != NULL)
+    for (unsigned n = 0; n < JI_ACCEPT_BATCH; n++) {
+        errno = 0;
+        if ((sock = h2o_evloop_socket_accept(listener)) == NULL) {
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                atomic_fetch_add_explicit(&w->stats.accept_paused, 1, memory_order_relaxed);
+                h2o_socket_read_stop(listener);
+                h2o_timeout_link(w->ctx.loop, &w->accept_pause_timeout, &w->accept_pause);
+            }
+            return;
+        }
         ji_front_door_accept(w, sock);
+    }
 }
 
 static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
@@ -196,6 +222,8 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     h2o_timeout_init(w->ctx.loop, &w->idle_timeout, server->config->idle_timeout_ms);
     h2o_timeout_init(w->ctx.loop, &w->linger_timeout, JI_LINGER_MS);
     h2o_timeout_init(w->ctx.loop, &w->yield_timeout, 1);
+    h2o_timeout_init(w->ctx.loop, &w->accept_pause_timeout, JI_ACCEPT_PAUSE_MS);
+    w->accept_pause.cb = on_accept_pause_end;
     if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db, JI_PG_MAX_IDLE)) == NULL) {
         fprintf(stderr, "out of memory\n");
         return -1;
@@ -359,6 +387,9 @@ static void worker_dispose(ji_worker_t *w)
     h2o_timeout_dispose(loop, &w->idle_timeout);
     h2o_timeout_dispose(loop, &w->linger_timeout);
     h2o_timeout_dispose(loop, &w->yield_timeout);
+    if (h2o_timeout_is_linked(&w->accept_pause))
+        h2o_timeout_unlink(&w->accept_pause);
+    h2o_timeout_dispose(loop, &w->accept_pause_timeout);
     h2o_context_dispose(&w->ctx);
     h2o_evloop_destroy(loop);
 }
@@ -372,7 +403,7 @@ int ji_server_run(const ji_config_t *config)
     unsigned i, started = 0, initialized = 0;
     sigset_t stop_signals;
     ji_error_t err;
-    int ret = 1;
+    int ret = 1, listen_fd = -1;
 
     signal(SIGPIPE, SIG_IGN);
     if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
@@ -418,8 +449,10 @@ int ji_server_run(const ji_config_t *config)
         goto Exit;
     server.workers = workers;
     server.nworkers = config->threads;
+    if ((listen_fd = open_listener(config)) == -1)
+        goto Exit;
     for (i = 0; i < config->threads; i++) {
-        int fd = open_listener(config);
+        int fd = fcntl(listen_fd, F_DUPFD_CLOEXEC, 0); /* each loop's socket object closes its own descriptor */
         if (fd == -1 || worker_init(&workers[i], &server, fd) != 0)
             goto Exit;
         initialized++;
@@ -445,6 +478,8 @@ Exit:
         pthread_join(retry_thread, NULL);
     for (i = 0; i < initialized; i++)
         worker_dispose(&workers[i]);
+    if (listen_fd != -1)
+        close(listen_fd);
     free(threads);
     free(workers);
     h2o_config_dispose(&server.h2o_config);
