@@ -13,22 +13,49 @@
  *                                   or its files are removed
  * A journal left behind by a crash names every file a request may have
  * written; `gc` removes those files unless the request committed.
+ *
+ * Nothing under the images directory is reached through a symbolic link:
+ * every open, create and unlink below it resolves beneath the directory with
+ * no symlink in any component (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS,
+ * or an equivalent walk where openat2 is missing). Files are created
+ * JI_IMAGE_FILE_MODE and directories JI_IMAGE_DIR_MODE, less the umask.
  */
 #ifndef JI_IMAGE_STORE_H
 #define JI_IMAGE_STORE_H
 
 #include "common.h"
 
+/** Mode of every file created under the images directory (before the umask): owner rw, group r, others nothing. */
+#define JI_IMAGE_FILE_MODE 0640
+/** Mode of every directory created for the images (before the umask): owner rwx, group rx, others nothing. */
+#define JI_IMAGE_DIR_MODE 0750
+
 /** The images directory. Opened once per process, read-only afterwards, shared by every thread. */
 typedef struct st_ji_image_store_t {
-    char *dir;   /**< path given at open (owned) */
-    int dir_fd;  /**< O_DIRECTORY fd of it */
-    bool fsync;  /**< --fsync: make files durable before a request commits */
+    char *dir;      /**< path given at open (owned) */
+    int dir_fd;     /**< O_DIRECTORY fd of it */
+    int pending_fd; /**< O_DIRECTORY fd of its .pending, opened without following a symlink */
+    bool fsync;     /**< --fsync: make files durable before a request commits */
 } ji_image_store_t;
 
 /** Creates the directory (and .pending) if missing and opens it. 0, or -1 with `err` filled. */
 int ji_image_store_open(ji_image_store_t *s, const char *dir, bool fsync, ji_error_t *err) JI_MUST_CHECK;
 void ji_image_store_close(ji_image_store_t *s);
+
+/**
+ * Opens `relative_path` (e.g. a row's image_path) for reading, beneath the images directory: an absolute path,
+ * an empty, "." or ".." component, a symbolic link in ANY component, or anything but a regular file is refused
+ * (a FIFO cannot block the caller: the open is non-blocking). The fd (O_RDONLY, close-on-exec, owned by the
+ * caller), or -1 with `err` filled (JI_ERR_INTERNAL: the rows of committed requests always name a file) and
+ * errno set (ELOOP for a symlink, EXDEV for a path that leaves the directory, ENOENT, ...).
+ */
+int ji_image_store_open_file(const ji_image_store_t *s, const char *relative_path, ji_error_t *err);
+
+/**
+ * For tests: false makes every open under the images directory use the component-by-component walk that
+ * replaces openat2(2) on kernels without it (before Linux 5.6); true (the default) uses openat2 when present.
+ */
+void ji_image_store_use_openat2(bool use);
 
 /** What one stored image turned out to be. */
 typedef struct st_ji_image_info_t {

@@ -108,4 +108,13 @@
 /** After the grace period, how long the 503 answers may take to be written before the process exits (ms). */
 #define JI_STOP_ANSWER_MS 2000
 
+/* ---- the command line ---- */
+/**
+ * Largest value of --max-ingests and of --idle-timeout (seconds): anything above is a typing mistake, and the
+ * timeout in milliseconds must fit 32 bits.
+ */
+#define JI_MAX_FLAG_VALUE 1000000
+/** Shortest bearer token accepted from --token-file (bytes): a short token can be guessed. */
+#define JI_MIN_TOKEN_BYTES 16
+
 #endif

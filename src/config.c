@@ -1,8 +1,16 @@
-/* config.c — parses the command line and environment into ji_config_t. */
+/*
+ * config.c — parses the command line and environment into ji_config_t.
+ *
+ * Numbers are strict: decimal digits only. A sign (+ or -), a space before or
+ * after, a suffix or any other character, an empty value, a value that
+ * overflows, and one outside the flag's range are refused with a message
+ * naming the flag (strtoull alone would take " -1" as 18446744073709551615).
+ */
 #include "config.h"
 
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +33,8 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-record-bytes N      longest line one record may take (default %u)\n"
             "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
             "  --fsync on|off            make image files durable before COMMIT (default on)\n"
-            "  --token-file F            require 'Authorization: Bearer <token>' on POST, token read from F\n"
+            "  --token-file F            require 'Authorization: Bearer <token>' on POST; the token is F's first line\n"
+            "                            (at least " JI_STR(JI_MIN_TOKEN_BYTES) " bytes)\n"
             "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
             "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
             "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
@@ -62,30 +71,75 @@ Bad:
     return -1;
 }
 
-static int parse_size(const char *flag, const char *s, size_t *out)
+/* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
+static int parse_digits(const char *s, uint64_t *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno != 0 || end == s || *end != '\0' || v == 0 || s[0] == '-') {
-        fprintf(stderr, "%s: expected a positive number of bytes, got '%s'\n", flag, s);
+    uint64_t v = 0;
+
+    if (*s == '\0')
+        return -1;
+    for (; *s != '\0'; s++) {
+        unsigned d = (unsigned)(unsigned char)*s - '0';
+        if (d > 9 || v > (UINT64_MAX - d) / 10)
+            return -1;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 0;
+}
+
+/*
+ * The value of a numeric flag: a whole number of `unit` from `min` to `max` (`max_name`: the limit that sets
+ * `max`, or NULL). 0, or -1 after printing why, with the flag's name and the value as given.
+ */
+static int parse_number(const char *flag, const char *s, const char *unit, uint64_t min, uint64_t max,
+                        const char *max_name, uint64_t *out)
+{
+    uint64_t v;
+
+    if (parse_digits(s, &v) != 0 || v < min || v > max) {
+        fprintf(stderr,
+                "%s: expected %" PRIu64 " to %" PRIu64 " %s%s%s%s, in decimal digits only (no sign, space or suffix); "
+                "got '%s'\n",
+                flag, min, max, unit, max_name != NULL ? " (" : "", max_name != NULL ? max_name : "",
+                max_name != NULL ? ")" : "", s);
         return -1;
     }
+    *out = v;
+    return 0;
+}
+
+/* A positive number of bytes. */
+static int parse_size(const char *flag, const char *s, size_t *out)
+{
+    uint64_t v;
+
+    if (parse_number(flag, s, "bytes", 1, SIZE_MAX, NULL, &v) != 0)
+        return -1;
     *out = (size_t)v;
+    return 0;
+}
+
+/* A count or a number of seconds from 1 to `max`, the limit named `max_name`. */
+static int parse_unsigned(const char *flag, const char *s, const char *unit, unsigned max, const char *max_name,
+                          unsigned *out)
+{
+    uint64_t v;
+
+    if (parse_number(flag, s, unit, 1, max, max_name, &v) != 0)
+        return -1;
+    *out = (unsigned)v;
     return 0;
 }
 
 static int parse_listen(ji_config_t *cfg, const char *s)
 {
     const char *colon = strrchr(s, ':');
-    char *end;
-    unsigned long port;
+    uint64_t port;
 
     if (colon == NULL || colon == s || (size_t)(colon - s) >= sizeof(cfg->listen_host))
         goto Bad;
-    errno = 0;
-    port = strtoul(colon + 1, &end, 10);
-    if (errno != 0 || *end != '\0' || end == colon + 1 || port > 65535)
+    if (parse_digits(colon + 1, &port) != 0 || port > 65535)
         goto Bad;
     memcpy(cfg->listen_host, s, colon - s);
     cfg->listen_host[colon - s] = '\0';
@@ -180,28 +234,19 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_IMAGES:
             cfg->images_dir = optarg;
             break;
-        case OPT_THREADS: {
-            size_t n;
-            if (parse_size("--threads", optarg, &n) != 0)
+        case OPT_THREADS:
+            if (parse_unsigned("--threads", optarg, "threads", JI_MAX_THREADS, "JI_MAX_THREADS", &cfg->threads) != 0)
                 return -1;
-            if (n > JI_MAX_THREADS) {
-                fprintf(stderr, "--threads: at most %d\n", JI_MAX_THREADS);
-                return -1;
-            }
-            cfg->threads = (unsigned)n;
             break;
-        }
         case OPT_MAX_RECORD:
             if (parse_size("--max-record-bytes", optarg, &cfg->max_record_bytes) != 0)
                 return -1;
             break;
-        case OPT_MAX_INFLATED: {
-            size_t n;
-            if (parse_size("--max-inflated-bytes", optarg, &n) != 0)
+        case OPT_MAX_INFLATED:
+            if (parse_number("--max-inflated-bytes", optarg, "bytes", 1, UINT64_MAX, NULL, &cfg->max_inflated_bytes) !=
+                0)
                 return -1;
-            cfg->max_inflated_bytes = n;
             break;
-        }
         case OPT_MAX_ARRAY:
             if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
                 return -1;
@@ -220,19 +265,16 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             cfg->token_file = optarg;
             break;
         case OPT_MAX_INGESTS:
+            if (parse_unsigned("--max-ingests", optarg, "uploads", JI_MAX_FLAG_VALUE, "JI_MAX_FLAG_VALUE",
+                               &cfg->max_ingests) != 0)
+                return -1;
+            break;
         case OPT_IDLE_TIMEOUT: {
-            size_t n;
-            const char *flag = opt == OPT_MAX_INGESTS ? "--max-ingests" : "--idle-timeout";
-            if (parse_size(flag, optarg, &n) != 0)
+            unsigned seconds;
+            if (parse_unsigned("--idle-timeout", optarg, "seconds", JI_MAX_FLAG_VALUE, "JI_MAX_FLAG_VALUE", &seconds) !=
+                0)
                 return -1;
-            if (n > 1000000) {
-                fprintf(stderr, "%s: at most 1000000\n", flag);
-                return -1;
-            }
-            if (opt == OPT_MAX_INGESTS)
-                cfg->max_ingests = (unsigned)n;
-            else
-                cfg->idle_timeout_ms = (unsigned)n * 1000;
+            cfg->idle_timeout_ms = seconds * 1000;
             break;
         }
         case OPT_ALLOWED_ORIGINS:

@@ -39,6 +39,27 @@
  * filesystem committing metadata in order (ext4 data=ordered, xfs), so after
  * power loss an image file never survives without its journal line. With
  * --fsync off, neither sync_file_range nor syncfs is called.
+ *
+ * No symlinks. Whoever can write into the images directory could plant a
+ * symlink (a shard "ab" pointing to /etc, a row's image_path through one) to
+ * make us write, serve or unlink files elsewhere; O_NOFOLLOW alone guards
+ * only the last component. So every path below the directory is opened with
+ * openat2(2) RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS (open_beneath): a symlink
+ * in any component is ELOOP, a way out is EXDEV. Where openat2 is missing
+ * (ENOSYS: Linux < 5.6; EPERM: some container seccomp filters) the same
+ * rule is kept by a walk, one component at a time with O_NOFOLLOW (and
+ * O_DIRECTORY for the directories). Unlinks open the parent that way and
+ * unlink the last component, which unlinkat never follows. ".pending" is
+ * opened that way once, at start, and its fd is used from then on. A
+ * planted shard symlink makes the writes that draw that shard fail (500,
+ * the journal line taken back), never land elsewhere; a journal line whose
+ * path crosses a symlink (or a non-directory) is treated as a missing file:
+ * no file of ours can be reached that way, and abort and gc must not stall
+ * on it.
+ *
+ * Modes. Files are created JI_IMAGE_FILE_MODE (0640), directories
+ * JI_IMAGE_DIR_MODE (0750), both less the process umask: images are not
+ * world-readable. Existing files and directories keep their modes.
  */
 #include "image_store.h"
 
@@ -47,6 +68,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +77,7 @@
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /** Base64 input decoded per step (the decode buffer is about 3/4 of it). */
@@ -64,6 +88,10 @@
 #define JI_IMAGE_JOURNAL_READ_BYTES 4096u
 /** New keys or names tried when one is taken (by gc, or by an astronomically unlikely collision). */
 #define JI_IMAGE_NAME_ATTEMPTS 3
+/** openat2 answers EAGAIN when a rename races with the lookup: tries before giving up. */
+#define JI_IMAGE_OPEN_ATTEMPTS 4
+/** Longest path accepted below the images directory (ours are 45 bytes; a row's image_path may be anything). */
+#define JI_IMAGE_MAX_PATH 1024
 
 #define PENDING_DIR ".pending"
 #define JOURNAL_SUFFIX ".list"
@@ -79,7 +107,7 @@ struct st_ji_image_batch_t {
     uint64_t journal_size;
     uint64_t count;
     char key[HEX_CHARS + 1];
-    char journal[sizeof(PENDING_DIR "/" JOURNAL_SUFFIX) + HEX_CHARS];
+    char journal[sizeof(JOURNAL_SUFFIX) + HEX_CHARS]; /**< its name in .pending */
     unsigned char buf[JI_IMAGE_MAGIC_BYTES + JI_BASE64_DECODED_MAX(JI_IMAGE_DECODE_CHUNK)];
 };
 
@@ -214,12 +242,135 @@ static bool is_journal_name(const char *name)
            strcmp(name + HEX_CHARS, JOURNAL_SUFFIX) == 0;
 }
 
+/* ---- opening beneath the images directory, no symlinks ---- */
+
+/* false once openat2 answered ENOSYS (or a test asked for the walk). */
+static atomic_bool openat2_usable = true;
+
+void ji_image_store_use_openat2(bool use)
+{
+    atomic_store(&openat2_usable, use);
+}
+
+/* A relative path of non-empty components, none "." or "..". Else errno (EXDEV, ENOENT, ENAMETOOLONG). */
+static int check_relative(const char *path)
+{
+    size_t len = strlen(path);
+
+    if (len == 0)
+        return ENOENT;
+    if (len >= JI_IMAGE_MAX_PATH)
+        return ENAMETOOLONG;
+    if (path[0] == '/')
+        return EXDEV;
+    for (const char *p = path;;) {
+        size_t n = strcspn(p, "/");
+        if (n == 0 || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.'))
+            return EXDEV;
+        if (p[n] == '\0')
+            return 0;
+        p += n + 1;
+    }
+}
+
+/* The walk: each directory component opened O_DIRECTORY|O_NOFOLLOW from the previous one, the last O_NOFOLLOW. */
+static int walk_open(int dir_fd, const char *path, int flags, mode_t mode)
+{
+    char name[JI_IMAGE_MAX_PATH];
+    int cur = dir_fd, fd, e;
+
+    for (;;) {
+        size_t n = strcspn(path, "/");
+        bool last = path[n] == '\0';
+        struct stat st;
+
+        memcpy(name, path, n);
+        name[n] = '\0';
+        if (last)
+            fd = openat(cur, name, flags | O_NOFOLLOW, mode);
+        else
+            fd = openat(cur, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        /* O_DIRECTORY|O_NOFOLLOW on a symlink is ENOTDIR: say ELOOP, as openat2 does */
+        if (fd < 0 && errno == ENOTDIR && fstatat(cur, name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode))
+            errno = ELOOP;
+        if (fd < 0 || last)
+            break;
+        if (cur != dir_fd)
+            close(cur);
+        cur = fd;
+        fd = -1;
+        path += n + 1;
+    }
+    e = errno;
+    if (cur != dir_fd)
+        close(cur);
+    errno = e;
+    return fd;
+}
+
+/*
+ * openat(dir_fd, path, flags, mode), but `path` must stay beneath dir_fd and may not go through a symlink in
+ * any component. The fd, or -1 with errno set (ELOOP: a symlink on the way; EXDEV: not a plain relative path).
+ */
+static int open_beneath(int dir_fd, const char *path, int flags, mode_t mode)
+{
+    int e = check_relative(path), fd = -1;
+
+    if (e != 0) {
+        errno = e;
+        return -1;
+    }
+    if (atomic_load_explicit(&openat2_usable, memory_order_relaxed)) {
+        struct open_how how = {
+            .flags = (uint64_t)(unsigned)flags,
+            .mode = (flags & O_CREAT) != 0 ? (uint64_t)mode : 0,
+            .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS,
+        };
+        for (int attempt = 0; attempt < JI_IMAGE_OPEN_ATTEMPTS; attempt++) {
+            fd = (int)syscall(SYS_openat2, dir_fd, path, &how, sizeof(how));
+            if (fd >= 0 || errno != EAGAIN)
+                break;
+        }
+        if (fd >= 0 || (errno != ENOSYS && errno != EPERM))
+            return fd;
+        if (errno == ENOSYS)
+            atomic_store(&openat2_usable, false);
+        /* EPERM may be a seccomp filter that does not know openat2: the walk says whether it is real */
+    }
+    return walk_open(dir_fd, path, flags, mode);
+}
+
+/* unlinkat(dir_fd, path, 0) with the parent directory opened by open_beneath. 0, or -1 with errno set. */
+static int unlink_beneath(int dir_fd, const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char parent[JI_IMAGE_MAX_PATH];
+    int fd, rc, e;
+
+    if ((e = check_relative(path)) != 0) {
+        errno = e;
+        return -1;
+    }
+    if (slash == NULL)
+        return unlinkat(dir_fd, path, 0);
+    memcpy(parent, path, (size_t)(slash - path));
+    parent[slash - path] = '\0';
+    if ((fd = open_beneath(dir_fd, parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0)) < 0)
+        return -1;
+    rc = unlinkat(fd, slash + 1, 0);
+    e = errno;
+    close(fd);
+    errno = e;
+    return rc;
+}
+
 /* ---- errors ---- */
 
 static int io_error(ji_error_t *err, uint64_t line, int e, const char *what)
 {
     char buf[128];
-    const char *why = strerror_r(e, buf, sizeof(buf));
+    const char *why = e == ELOOP ? "a symbolic link on the way (none is followed under the images directory)"
+                                 : strerror_r(e, buf, sizeof(buf));
 
     if (e == ENOSPC || e == EDQUOT)
         return ji_error_set(err, JI_ERR_DISK_FULL, line, line != 0 ? "image" : NULL, "images disk full: %s: %s", what,
@@ -259,10 +410,10 @@ static int make_dirs(const char *dir)
         if (*p != '/')
             continue;
         *p = '\0';
-        (void)mkdir(copy, 0755);
+        (void)mkdir(copy, JI_IMAGE_DIR_MODE);
         *p = '/';
     }
-    rc = mkdir(copy, 0755) == 0 || errno == EEXIST ? 0 : -1;
+    rc = mkdir(copy, JI_IMAGE_DIR_MODE) == 0 || errno == EEXIST ? 0 : -1;
     free(copy);
     return rc;
 }
@@ -273,14 +424,18 @@ int ji_image_store_open(ji_image_store_t *s, const char *dir, bool fsync, ji_err
 
     s->dir = NULL;
     s->dir_fd = -1;
+    s->pending_fd = -1;
     s->fsync = fsync;
+    /* The directory itself is the operator's choice (it may be reached through a symlink); what is below is ours. */
     snprintf(what, sizeof(what), "images directory %s", dir);
     if (make_dirs(dir) != 0)
         goto io_fail;
     if ((s->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
         goto io_fail;
     snprintf(what, sizeof(what), "images directory %s/" PENDING_DIR, dir);
-    if (mkdirat(s->dir_fd, PENDING_DIR, 0755) != 0 && errno != EEXIST)
+    if (mkdirat(s->dir_fd, PENDING_DIR, JI_IMAGE_DIR_MODE) != 0 && errno != EEXIST)
+        goto io_fail;
+    if ((s->pending_fd = open_beneath(s->dir_fd, PENDING_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0)) < 0)
         goto io_fail;
     if ((s->dir = strdup(dir)) == NULL)
         goto io_fail;
@@ -288,19 +443,60 @@ int ji_image_store_open(ji_image_store_t *s, const char *dir, bool fsync, ji_err
 
 io_fail:
     io_error(err, 0, errno, what);
+    if (s->pending_fd >= 0)
+        close(s->pending_fd);
     if (s->dir_fd >= 0)
         close(s->dir_fd);
     s->dir_fd = -1;
+    s->pending_fd = -1;
     return -1;
 }
 
 void ji_image_store_close(ji_image_store_t *s)
 {
+    if (s->pending_fd >= 0)
+        close(s->pending_fd);
     if (s->dir_fd >= 0)
         close(s->dir_fd);
     s->dir_fd = -1;
+    s->pending_fd = -1;
     free(s->dir);
     s->dir = NULL;
+}
+
+int ji_image_store_open_file(const ji_image_store_t *s, const char *relative_path, ji_error_t *err)
+{
+    char what[128];
+    struct stat st;
+    int fd, e;
+
+    snprintf(what, sizeof(what), "image file %.100s", relative_path);
+    if ((fd = open_beneath(s->dir_fd, relative_path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK, 0)) < 0) {
+        e = errno;
+        goto fail;
+    }
+    /* O_NONBLOCK only kept a FIFO from blocking the open; it changes nothing for a regular file */
+    if (fstat(fd, &st) != 0) {
+        e = errno;
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        e = EINVAL;
+        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "%s: not a regular file", what);
+        goto close_fail;
+    }
+    return fd;
+
+fail:
+    if (e == EXDEV)
+        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "%s: not a plain relative path inside the images directory", what);
+    else
+        io_error(err, 0, e, what);
+close_fail:
+    if (fd >= 0)
+        close(fd);
+    errno = e;
+    return -1;
 }
 
 /* ---- batches ---- */
@@ -320,8 +516,8 @@ ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
             io_error(err, 0, errno, "getrandom");
             goto fail;
         }
-        snprintf(b->journal, sizeof(b->journal), PENDING_DIR "/%s" JOURNAL_SUFFIX, b->key);
-        fd = openat(s->dir_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0644);
+        snprintf(b->journal, sizeof(b->journal), "%s" JOURNAL_SUFFIX, b->key);
+        fd = openat(s->pending_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, JI_IMAGE_FILE_MODE);
         if (fd < 0) {
             if (errno == EEXIST)
                 continue;
@@ -398,20 +594,27 @@ static int journal_undo(ji_image_batch_t *b, const char *path)
     return 0;
 }
 
-/* Creates the shard directories of `path` ("ab/cd/..."); an existing one is fine. 0 or errno. */
+/*
+ * Creates the shard directories of `path` ("ab/cd/..."); an existing one is fine. mkdirat never follows its last
+ * component, so "ab" is made from the images directory and "cd" from an fd of "ab" opened without symlinks: a
+ * planted "ab" symlink is ELOOP, not a directory created elsewhere. 0 or errno.
+ */
 static int make_shard(int dir_fd, const char *path)
 {
     char shard[PATH_PREFIX_LEN];
+    int fd, e = 0;
 
     memcpy(shard, path, 2);
     shard[2] = '\0';
-    if (mkdirat(dir_fd, shard, 0755) != 0 && errno != EEXIST)
+    if (mkdirat(dir_fd, shard, JI_IMAGE_DIR_MODE) != 0 && errno != EEXIST)
         return errno;
-    memcpy(shard, path, 5);
-    shard[5] = '\0';
-    if (mkdirat(dir_fd, shard, 0755) != 0 && errno != EEXIST)
+    if ((fd = open_beneath(dir_fd, shard, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0)) < 0)
         return errno;
-    return 0;
+    memcpy(shard, path + 3, 2);
+    if (mkdirat(fd, shard, JI_IMAGE_DIR_MODE) != 0 && errno != EEXIST)
+        e = errno;
+    close(fd);
+    return e;
 }
 
 /* Names, journals and creates a new file of `type`. The fd, or -1 with `err` filled. */
@@ -432,16 +635,21 @@ static int create_file(ji_image_batch_t *b, uint64_t line, const image_type_t *t
         snprintf(info->path, sizeof(info->path), "%.2s/%.2s/%s.%s", hex, hex + 2, hex, type->ext);
         if ((e = journal_append(b, info->path)) != 0)
             return io_error(err, line, e, "cannot write the image journal");
-        fd = openat(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+        fd = open_beneath(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, JI_IMAGE_FILE_MODE);
         if (fd < 0 && errno == ENOENT) {
-            if ((e = make_shard(dir_fd, info->path)) != 0)
+            if ((e = make_shard(dir_fd, info->path)) != 0) {
+                (void)journal_undo(b, info->path); /* nothing was created under that name */
                 return io_error(err, line, e, "cannot create an image directory");
-            fd = openat(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644);
+            }
+            fd = open_beneath(dir_fd, info->path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, JI_IMAGE_FILE_MODE);
         }
         if (fd >= 0)
             return fd;
-        if (errno != EEXIST)
-            return io_error(err, line, errno, "cannot create an image file");
+        if (errno != EEXIST) {
+            e = errno;
+            (void)journal_undo(b, info->path); /* nothing was created: abort and gc need not look for it */
+            return io_error(err, line, e, "cannot create an image file");
+        }
         if (journal_undo(b, info->path) != 0)
             return io_error(err, line, errno, "cannot write the image journal");
     }
@@ -533,16 +741,16 @@ invalid:
 remove:
     if (fd >= 0) {
         close(fd);
-        (void)unlinkat(dir_fd, info.path, 0);
+        (void)unlink_beneath(dir_fd, info.path);
     } else if (info.path[0] != '\0') {
-        (void)unlinkat(dir_fd, info.path, 0); /* closed already (close failed) */
+        (void)unlink_beneath(dir_fd, info.path); /* closed already (close failed) */
     }
     return -1;
 }
 
 void ji_image_batch_remove(ji_image_batch_t *b, const ji_image_info_t *info)
 {
-    if (unlinkat(b->store->dir_fd, info->path, 0) == 0 || errno == ENOENT) {
+    if (unlink_beneath(b->store->dir_fd, info->path) == 0 || errno == ENOENT) {
         if (b->count > 0)
             b->count--;
     }
@@ -558,7 +766,8 @@ int ji_image_batch_sync(ji_image_batch_t *b, ji_error_t *err)
     return 0;
 }
 
-/* Unlinks every path listed in the journal `fd`, reading it in a bounded buffer. Missing files are fine.
+/* Unlinks every path listed in the journal `fd`, reading it in a bounded buffer. Missing files are fine, and so
+ * are paths through a symlink (not followed: see "No symlinks").
  * 0, or -1 when the journal could not be read or a file could not be removed (then keep the journal). */
 static int remove_listed(int dir_fd, int fd, uint64_t *removed)
 {
@@ -584,11 +793,11 @@ static int remove_listed(int dir_fd, int fd, uint64_t *removed)
         while ((nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
             if (!skipping && is_image_path(p, (size_t)(nl - p))) {
                 *nl = '\0';
-                if (unlinkat(dir_fd, p, 0) == 0) {
+                if (unlink_beneath(dir_fd, p) == 0) {
                     if (removed != NULL)
                         (*removed)++;
-                } else if (errno != ENOENT) {
-                    rc = -1;
+                } else if (errno != ENOENT && errno != ELOOP && errno != ENOTDIR) {
+                    rc = -1; /* through a symlink or a non-directory, no file of ours can be reached: as if gone */
                 }
             }
             skipping = false;
@@ -607,7 +816,7 @@ static int remove_listed(int dir_fd, int fd, uint64_t *removed)
 
 void ji_image_batch_commit(ji_image_batch_t *b)
 {
-    (void)unlinkat(b->store->dir_fd, b->journal, 0);
+    (void)unlinkat(b->store->pending_fd, b->journal, 0);
     close(b->journal_fd); /* releases the lock after the unlink: gc never sees a committed journal as dead */
     free(b);
 }
@@ -623,7 +832,7 @@ void ji_image_batch_abort(ji_image_batch_t *b)
 {
     /* If a file could not be removed, the journal stays for gc (which will find it unlocked and uncommitted). */
     if (remove_listed(b->store->dir_fd, b->journal_fd, NULL) == 0)
-        (void)unlinkat(b->store->dir_fd, b->journal, 0);
+        (void)unlinkat(b->store->pending_fd, b->journal, 0);
     close(b->journal_fd);
     free(b);
 }
@@ -636,7 +845,8 @@ int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const cha
     struct dirent *de;
     DIR *dir;
 
-    if ((pending_fd = openat(s->dir_fd, PENDING_DIR, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+    /* a fresh open file description of .pending (its own directory offset: gc may run in several threads) */
+    if ((pending_fd = openat(s->pending_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
         return io_error(err, 0, errno, "cannot open the image journals (" PENDING_DIR ")");
     if ((dir = fdopendir(pending_fd)) == NULL) {
         io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
@@ -650,9 +860,14 @@ int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const cha
 
         if (!is_journal_name(de->d_name))
             continue; /* not ours: leave it alone */
-        if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW)) < 0) {
+        /* O_NONBLOCK: a FIFO planted under a journal's name must not block gc (it is skipped below) */
+        if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) < 0) {
             if (errno != ENOENT && rc == 0)
                 rc = io_error(err, 0, errno, "cannot open an image journal");
+            continue;
+        }
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            close(fd); /* not a journal we wrote: leave it alone */
             continue;
         }
         /* Locked: a request in flight. Link count 0: it just ended (commit or abort) or another gc took it. */

@@ -493,6 +493,7 @@ static void image_on_result(db_call_t *call, PGresult *res, const char *err)
     h2o_req_t *req = r->req;
     const char *path, *type = "application/octet-stream", *why = NULL;
     struct stat st;
+    ji_error_t open_err;
 
     if (err != NULL) {
         send_db_unavailable(req, err);
@@ -518,10 +519,10 @@ static void image_on_result(db_call_t *call, PGresult *res, const char *err)
                    r->id);
         return;
     }
-    if ((r->fd = openat(r->w->server->images.dir_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY)) == -1) {
+    if ((r->fd = ji_image_store_open_file(&r->w->server->images, path, &open_err)) == -1) {
         /* a committed row's file always exists: its absence is the server's fault, not the client's */
         send_error(req, 500, "Internal Server Error", "cannot open the image file of user %" PRId64 ": %s", r->id,
-                   strerror(errno));
+                   open_err.message);
         return;
     }
     if (fstat(r->fd, &st) != 0)

@@ -106,8 +106,10 @@ static int load_token(ji_server_t *server, const char *path)
     buf[n] = '\0';
     buf[strcspn(buf, "\r\n")] = '\0';
     n = strlen(buf);
-    if (n == 0) {
-        fprintf(stderr, "--token-file %s: the first line is empty\n", path);
+    if (n < JI_MIN_TOKEN_BYTES) {
+        fprintf(stderr, "--token-file %s: the token (the first line) has %zu bytes, fewer than JI_MIN_TOKEN_BYTES "
+                        "(" JI_STR(JI_MIN_TOKEN_BYTES) "): a short token can be guessed\n",
+                path, n);
         return -1;
     }
     server->token = strdup(buf);

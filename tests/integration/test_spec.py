@@ -88,7 +88,7 @@ def test_idempotency_key_replays_first_response(server, db, tmp_path):
 
 
 def test_token_file(start_server, db, tmp_path):
-    tok = helpers.write(tmp_path / "tokens", b"s3cret-token\n")
+    tok = helpers.write(tmp_path / "tokens", b"s3cret-token-0123456789\n")
     srv = start_server(args=["--token-file", tok])
     f = helpers.write(tmp_path / "b.jsonl", helpers.good_body("tok", n=2))
     res = helpers.post(srv, f, tmp_path)
@@ -96,7 +96,7 @@ def test_token_file(start_server, db, tmp_path):
     res = helpers.post(srv, f, tmp_path, headers=["Authorization: Bearer wrong"])
     assert res.status == 401, res
     assert_nothing_left(db, srv.images_dir)
-    res = helpers.post(srv, f, tmp_path, headers=["Authorization: Bearer s3cret-token"])
+    res = helpers.post(srv, f, tmp_path, headers=["Authorization: Bearer s3cret-token-0123456789"])
     assert_success(res, inserted=2)
 
 

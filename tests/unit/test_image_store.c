@@ -6,6 +6,11 @@
  * leaving a live batch alone, and disk full on a tiny tmpfs (in a private
  * mount namespace; skipped with a message when that is not allowed). Each
  * test works in its own mkdtemp directory under /tmp and removes it.
+ *
+ * Hardening: symlinks planted under the images directory (shards, a
+ * .pending, a row's path, a journal line) never lead a write, a read or gc
+ * outside it, with openat2 and with the walk that replaces it; files are
+ * created 0640 and directories 0750 (less the umask).
  */
 #include "image_store.h"
 #include "unit.h"
@@ -19,6 +24,7 @@
 #include <stdlib.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,33 +54,45 @@ static void rm_tree(const char *dir)
 }
 
 typedef struct {
-    char dir[64];
+    char parent[48]; /**< the mkdtemp directory, removed by teardown */
+    char dir[80];    /**< the images directory, below it */
     ji_image_store_t store;
     ji_error_t err;
 } fixture_t;
 
-static bool setup(fixture_t *f, bool fsync)
+/* A fresh images directory below a new temporary directory under `base`. */
+static bool setup_in(fixture_t *f, bool fsync, const char *base)
 {
-    char parent[] = "/tmp/ji-img-XXXXXX";
-
     memset(f, 0, sizeof(*f));
-    if (mkdtemp(parent) == NULL) {
+    snprintf(f->parent, sizeof(f->parent), "%s/ji-img-XXXXXX", base);
+    if (mkdtemp(f->parent) == NULL) {
         CHECK(!"mkdtemp");
         return false;
     }
     /* a directory that does not exist yet: open creates it */
-    snprintf(f->dir, sizeof(f->dir), "%s/images/sub", parent);
+    snprintf(f->dir, sizeof(f->dir), "%s/images/sub", f->parent);
     CHECK_EQ_INT(ji_image_store_open(&f->store, f->dir, fsync, &f->err), 0);
     return f->store.dir_fd >= 0;
 }
 
+static bool setup(fixture_t *f, bool fsync)
+{
+    return setup_in(f, fsync, "/tmp");
+}
+
+/* Tests that plant thousands of entries use a tmpfs when there is one (a disk makes each one cost ~1 ms). */
+static bool setup_fast(fixture_t *f)
+{
+    struct stat st;
+    return setup_in(f, false, stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0
+                                  ? "/dev/shm"
+                                  : "/tmp");
+}
+
 static void teardown(fixture_t *f)
 {
-    char parent[64];
-
     ji_image_store_close(&f->store);
-    snprintf(parent, sizeof(parent), "%.18s", f->dir); /* "/tmp/ji-img-XXXXXX" */
-    rm_tree(parent);
+    rm_tree(f->parent);
 }
 
 static int count_cb_n;
@@ -796,6 +814,384 @@ static void test_forget(void)
     teardown(&f);
 }
 
+/* ---- file modes ---- */
+
+static mode_t mode_at(int dir_fd, const char *rel)
+{
+    struct stat st;
+    return fstatat(dir_fd, rel, &st, AT_SYMLINK_NOFOLLOW) == 0 ? st.st_mode & 07777 : (mode_t)-1;
+}
+
+/* Under `mask`: the images directory, .pending, both shard levels, an image and a journal get the modes. */
+static void check_modes(mode_t mask, mode_t file_mode, mode_t dir_mode)
+{
+    mode_t old = umask(mask);
+    fixture_t f;
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+    char rel[80];
+
+    if (!setup(&f, false)) /* creates the images directory (and a parent) under `mask` */
+        goto out;
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK(b != NULL);
+    if (b == NULL)
+        goto done;
+    CHECK_EQ_INT(ji_image_batch_write(b, 1, "iVBORw0KGgo", 11, &info, &f.err), 0);
+    CHECK_EQ_INT(mode_at(AT_FDCWD, f.dir), dir_mode);
+    CHECK_EQ_INT(mode_at(f.store.dir_fd, ".pending"), dir_mode);
+    snprintf(rel, sizeof(rel), "%.2s", info.path);
+    CHECK_EQ_INT(mode_at(f.store.dir_fd, rel), dir_mode);
+    snprintf(rel, sizeof(rel), "%.5s", info.path);
+    CHECK_EQ_INT(mode_at(f.store.dir_fd, rel), dir_mode);
+    CHECK_EQ_INT(mode_at(f.store.dir_fd, info.path), file_mode);
+    snprintf(rel, sizeof(rel), ".pending/%s.list", ji_image_batch_key(b));
+    CHECK_EQ_INT(mode_at(f.store.dir_fd, rel), file_mode);
+    ji_image_batch_commit(b);
+done:
+    teardown(&f);
+out:
+    umask(old);
+}
+
+static void test_modes(void)
+{
+    CHECK_EQ_INT(JI_IMAGE_FILE_MODE, 0640);
+    CHECK_EQ_INT(JI_IMAGE_DIR_MODE, 0750);
+    check_modes(022, 0640, 0750); /* the usual umask: nothing for others all the same */
+    check_modes(0, 0640, 0750);   /* no umask at all: still not world-readable */
+    check_modes(077, 0600, 0700); /* a stricter umask (a systemd UMask=) restricts further */
+}
+
+/* ---- symlinks under the images directory ---- */
+
+/* "<parent of the images directory>/outside": a directory the images must never reach. */
+static void outside_dir(const fixture_t *f, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s/outside", f->parent);
+    CHECK(mkdir(out, 0755) == 0 || errno == EEXIST);
+}
+
+/* Entries in `dir`, recursively (files, directories and links alike). */
+static int count_all_n;
+static int count_all_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)path;
+    (void)st;
+    (void)flag;
+    count_all_n += ftw->level > 0;
+    return 0;
+}
+
+static int count_all(const char *dir)
+{
+    count_all_n = 0;
+    nftw(dir, count_all_entry, 16, FTW_PHYS);
+    return count_all_n;
+}
+
+/* Every first-level shard "00".."ff" is a symlink to `outside`: no image can be stored, nothing lands outside. */
+static void shard_links_first_level(bool openat2)
+{
+    fixture_t f;
+    char outside[96], name[3];
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+
+    ji_image_store_use_openat2(openat2);
+    if (!setup_fast(&f))
+        goto out;
+    outside_dir(&f, outside, sizeof(outside));
+    for (int i = 0; i < 256; i++) {
+        snprintf(name, sizeof(name), "%02x", i);
+        CHECK(symlinkat(outside, f.store.dir_fd, name) == 0);
+    }
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK(b != NULL);
+    if (b == NULL)
+        goto done;
+    for (int i = 0; i < 20; i++) {
+        ji_error_clear(&f.err);
+        CHECK_EQ_INT(ji_image_batch_write(b, 3, "iVBORw0KGgo", 11, &info, &f.err), -1);
+        CHECK_EQ_INT(f.err.kind, JI_ERR_INTERNAL);
+        CHECK_EQ_INT(f.err.line, 3);
+        CHECK(strstr(f.err.message, "image") != NULL);
+    }
+    fprintf(stderr, "  planted shard symlink (%s): %s\n", openat2 ? "openat2" : "walk", f.err.message);
+    CHECK_EQ_INT(ji_image_batch_count(b), 0);
+    ji_image_batch_abort(b);
+    CHECK_EQ_INT(count_all(outside), 0);
+    CHECK_EQ_INT(count_journals(&f), 0);
+done:
+    teardown(&f);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+/* Second-level shards: under each real "00".."ff", one "cd" in 4 is a symlink to `outside` (some to a real "cd"
+ * there). Each write either lands in a real directory of the store or fails; nothing is created outside. 100
+ * writes miss every symlink with probability (3/4)^100 < 1e-12. */
+static void shard_links_second_level(bool openat2)
+{
+    enum { WRITES = 100 };
+    fixture_t f;
+    char outside[96], name[8], target[128];
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+    int stored = 0, refused = 0;
+
+    ji_image_store_use_openat2(openat2);
+    if (!setup_fast(&f))
+        goto out;
+    outside_dir(&f, outside, sizeof(outside));
+    snprintf(target, sizeof(target), "%s/cd", outside);
+    CHECK(mkdir(target, 0755) == 0);
+    for (int i = 0; i < 256; i++) {
+        int fd;
+        snprintf(name, sizeof(name), "%02x", i);
+        CHECK(mkdirat(f.store.dir_fd, name, 0755) == 0);
+        fd = openat(f.store.dir_fd, name, O_RDONLY | O_DIRECTORY);
+        for (int j = i % 4; j < 256; j += 4) {
+            snprintf(name, sizeof(name), "%02x", j);
+            CHECK(symlinkat(j % 8 == 0 ? target : outside, fd, name) == 0);
+        }
+        close(fd);
+    }
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK(b != NULL);
+    if (b == NULL)
+        goto done;
+    for (int i = 0; i < WRITES; i++) {
+        ji_error_clear(&f.err);
+        if (ji_image_batch_write(b, 1, "R0lGODlh", 8, &info, &f.err) == 0) {
+            char shard[6];
+            struct stat st;
+            stored++;
+            snprintf(shard, sizeof(shard), "%.5s", info.path);
+            CHECK(fstatat(f.store.dir_fd, shard, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode)); /* not a link */
+            CHECK(file_is(&f, info.path, (const unsigned char *)"GIF89a", 6));
+        } else {
+            refused++;
+            CHECK(strstr(f.err.message, "symbolic link") != NULL);
+        }
+    }
+    fprintf(stderr, "  second-level shard symlinks (%s): %d stored in real directories, %d refused\n",
+            openat2 ? "openat2" : "walk", stored, refused);
+    CHECK(refused > 0);
+    CHECK(stored > 0);
+    CHECK_EQ_INT(count_all(outside), 1); /* just its "cd", still empty */
+    ji_image_batch_abort(b);
+    CHECK_EQ_INT(count_all(outside), 1);
+    CHECK_EQ_INT(count_journals(&f), 0);
+done:
+    teardown(&f);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+/* A shard symlink that appears after the store drew a file there: remove and abort do not unlink through it. */
+static void shard_link_swapped_in(bool openat2)
+{
+    fixture_t f;
+    char outside[96], shard[3], victim[200], moved[200];
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+    int fd;
+
+    ji_image_store_use_openat2(openat2);
+    if (!setup(&f, false))
+        goto out;
+    outside_dir(&f, outside, sizeof(outside));
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK_EQ_INT(ji_image_batch_write(b, 1, "R0lGODlh", 8, &info, &f.err), 0);
+    /* move the real shard away; "ab" now points outside, where a file of the same relative name waits */
+    snprintf(shard, sizeof(shard), "%.2s", info.path);
+    snprintf(moved, sizeof(moved), "%s/moved", f.dir);
+    CHECK(renameat(f.store.dir_fd, shard, AT_FDCWD, moved) == 0);
+    CHECK(symlinkat(outside, f.store.dir_fd, shard) == 0);
+    snprintf(victim, sizeof(victim), "%s/%.2s", outside, info.path + 3);
+    CHECK(mkdir(victim, 0755) == 0);
+    snprintf(victim, sizeof(victim), "%s/%s", outside, info.path + 3);
+    fd = open(victim, O_CREAT | O_WRONLY, 0644);
+    CHECK(fd >= 0);
+    close(fd);
+    ji_image_batch_remove(b, &info);
+    CHECK(access(victim, F_OK) == 0);
+    ji_image_batch_abort(b);
+    CHECK(access(victim, F_OK) == 0);
+    CHECK_EQ_INT(count_journals(&f), 0); /* a path through a symlink reaches no file of ours: done with it */
+    teardown(&f);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+static void test_shard_symlinks(void)
+{
+    for (int i = 0; i < 2; i++) {
+        shard_links_first_level(i == 0);
+        shard_links_second_level(i == 0);
+        shard_link_swapped_in(i == 0);
+    }
+}
+
+/* gc: a crashed request's journal names a file through a shard symlink (and a non-image path through another):
+ * nothing outside is unlinked; the journal is done with (no file of ours is reachable that way). */
+static void gc_through_symlink(bool openat2)
+{
+    static const char key[] = "0123456789abcdef0123456789abcdef";
+    static const char image[] = "ab/cd/abcd0123456789abcdef0123456789ab.png";
+    fixture_t f;
+    verdicts_t v = {.verdicts = {0}};
+    char outside[96], path[200], journal[128];
+    uint64_t removed = 99;
+    int fd;
+
+    ji_image_store_use_openat2(openat2);
+    if (!setup(&f, false))
+        goto out;
+    outside_dir(&f, outside, sizeof(outside));
+    /* outside/cd/abcd....png and outside/passwd: what the links would reach */
+    snprintf(path, sizeof(path), "%s/cd", outside);
+    CHECK(mkdir(path, 0755) == 0);
+    snprintf(path, sizeof(path), "%s/%s", outside, image + 3);
+    close(open(path, O_CREAT | O_WRONLY, 0644));
+    snprintf(path, sizeof(path), "%s/passwd", outside);
+    close(open(path, O_CREAT | O_WRONLY, 0644));
+    CHECK(symlinkat(outside, f.store.dir_fd, "ab") == 0);
+    CHECK(symlinkat(outside, f.store.dir_fd, "etclink") == 0);
+    /* the journal of a dead request (no lock held) */
+    snprintf(v.keys[0], sizeof(v.keys[0]), "%s", key);
+    snprintf(journal, sizeof(journal), "%s/.pending/%s.list", f.dir, key);
+    fd = open(journal, O_CREAT | O_WRONLY, 0644);
+    CHECK(fd >= 0);
+    snprintf(path, sizeof(path), "etclink/passwd\n%s\n", image);
+    CHECK(write(fd, path, strlen(path)) == (ssize_t)strlen(path));
+    close(fd);
+
+    CHECK_EQ_INT(ji_image_store_gc(&f.store, committed_cb, &v, &removed, &f.err), 0);
+    CHECK_EQ_INT(v.asked[0], 1);
+    CHECK_EQ_INT(removed, 0);
+    snprintf(path, sizeof(path), "%s/%s", outside, image + 3);
+    CHECK(access(path, F_OK) == 0);
+    snprintf(path, sizeof(path), "%s/passwd", outside);
+    CHECK(access(path, F_OK) == 0);
+    CHECK_EQ_INT(count_all(outside), 3);
+    CHECK(access(journal, F_OK) != 0);
+    teardown(&f);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+/* .pending itself a symlink: the store does not open (journals would be written elsewhere). */
+static void pending_link(bool openat2)
+{
+    char parent[] = "/tmp/ji-img-XXXXXX", dir[96], outside[96], pending[128];
+    ji_image_store_t s;
+    ji_error_t err;
+
+    ji_image_store_use_openat2(openat2);
+    if (mkdtemp(parent) == NULL) {
+        CHECK(!"mkdtemp");
+        goto out;
+    }
+    snprintf(dir, sizeof(dir), "%s/images", parent);
+    snprintf(outside, sizeof(outside), "%s/outside", parent);
+    snprintf(pending, sizeof(pending), "%s/.pending", dir);
+    CHECK(mkdir(dir, 0750) == 0 && mkdir(outside, 0750) == 0);
+    CHECK(symlink(outside, pending) == 0);
+    CHECK_EQ_INT(ji_image_store_open(&s, dir, false, &err), -1);
+    CHECK(strstr(err.message, ".pending") != NULL);
+    fprintf(stderr, "  .pending symlink (%s): %s\n", openat2 ? "openat2" : "walk", err.message);
+    rm_tree(parent);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+static void test_gc_and_pending_symlinks(void)
+{
+    for (int i = 0; i < 2; i++) {
+        gc_through_symlink(i == 0);
+        pending_link(i == 0);
+    }
+}
+
+/* ji_image_store_open_file: the read side's open. */
+static void open_file_cases(bool openat2)
+{
+    fixture_t f;
+    char outside[96], path[200], rel[80];
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+    unsigned char buf[64];
+    int fd;
+
+    ji_image_store_use_openat2(openat2);
+    if (!setup(&f, false))
+        goto out;
+    outside_dir(&f, outside, sizeof(outside));
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK_EQ_INT(ji_image_batch_write(b, 1, "R0lGODlhAQ==", 12, &info, &f.err), 0);
+    ji_image_batch_commit(b);
+
+    /* a stored image: its bytes */
+    fd = ji_image_store_open_file(&f.store, info.path, &f.err);
+    CHECK(fd >= 0);
+    if (fd >= 0) {
+        CHECK_EQ_INT(read(fd, buf, sizeof(buf)), 7);
+        CHECK(memcmp(buf, "GIF89a\x01", 7) == 0);
+        CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+        close(fd);
+    }
+    /* outside/passwd reachable through a directory symlink, a final symlink, and "..": all refused */
+    snprintf(path, sizeof(path), "%s/passwd", outside);
+    fd = open(path, O_CREAT | O_WRONLY, 0644);
+    CHECK(write(fd, "root:x:0:0\n", 11) == 11);
+    close(fd);
+    CHECK(symlinkat(outside, f.store.dir_fd, "etclink") == 0);
+    CHECK(symlinkat(path, f.store.dir_fd, "passwd") == 0);
+    snprintf(rel, sizeof(rel), "%.5s/passwd", info.path);
+    CHECK(symlinkat(path, f.store.dir_fd, rel) == 0);
+    {
+        static const struct {
+            const char *path;
+            int err;
+        } refused[] = {
+            {"etclink/passwd", ELOOP}, {"passwd", ELOOP},     {"etclink", ELOOP},       {"../outside/passwd", EXDEV},
+            {"ab/../../x", EXDEV},     {"./passwd", EXDEV},   {"ab//cd", EXDEV},        {"/etc/passwd", EXDEV},
+            {"", ENOENT},              {"nosuch/file", ENOENT}, {".pending", EINVAL},
+        };
+        for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+            ji_error_clear(&f.err);
+            errno = 0;
+            fd = ji_image_store_open_file(&f.store, refused[i].path, &f.err);
+            CHECK_EQ_INT(fd, -1);
+            CHECK_EQ_INT(errno, refused[i].err);
+            CHECK_EQ_INT(f.err.kind, JI_ERR_INTERNAL);
+            CHECK(f.err.message[0] != '\0');
+            if (fd >= 0)
+                close(fd);
+        }
+        ji_error_clear(&f.err);
+        CHECK_EQ_INT(ji_image_store_open_file(&f.store, rel, &f.err), -1); /* ab/cd/passwd -> outside */
+        CHECK_EQ_INT(errno, ELOOP);
+        CHECK(strstr(f.err.message, "symbolic link") != NULL);
+    }
+    /* a FIFO does not block the open, and is not served */
+    CHECK(mkfifoat(f.store.dir_fd, "fifo", 0640) == 0);
+    ji_error_clear(&f.err);
+    CHECK_EQ_INT(ji_image_store_open_file(&f.store, "fifo", &f.err), -1);
+    CHECK(strstr(f.err.message, "not a regular file") != NULL);
+    teardown(&f);
+out:
+    ji_image_store_use_openat2(true);
+}
+
+static void test_open_file(void)
+{
+    open_file_cases(true);
+    open_file_cases(false);
+}
+
 /* ---- disk full ---- */
 
 /* In a child with its own mount namespace: a 256 KiB tmpfs as the images directory. Exit 0 = all checks passed,
@@ -916,4 +1312,6 @@ UNIT_MAIN("image_store", {"open", test_open}, {"magic", test_magic},
           {"magic_after_whitespace", test_magic_after_whitespace}, {"big_files_and_commit", test_big_files_and_commit},
           {"fsync_on", test_fsync_on}, {"no_image", test_no_image}, {"data_urls", test_data_urls},
           {"invalid", test_invalid}, {"remove_and_abort", test_remove_and_abort}, {"abort_many", test_abort_many},
-          {"gc", test_gc}, {"forget", test_forget}, {"disk_full", test_disk_full}, {"speed", test_speed})
+          {"gc", test_gc}, {"forget", test_forget}, {"modes", test_modes}, {"shard_symlinks", test_shard_symlinks},
+          {"gc_and_pending_symlinks", test_gc_and_pending_symlinks}, {"open_file", test_open_file},
+          {"disk_full", test_disk_full}, {"speed", test_speed})
