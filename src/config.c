@@ -52,25 +52,6 @@ void ji_config_usage(const char *argv0, void *out)
             JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S);
 }
 
-/** A whole number from `min` to `max`, digits only (no sign, space or suffix). */
-static int parse_uint(const char *flag, const char *s, unsigned min, unsigned max, unsigned *out)
-{
-    unsigned long long v = 0;
-
-    for (const char *p = s; *p != '\0'; p++) {
-        if (*p < '0' || *p > '9' || v > max)
-            goto Bad;
-        v = v * 10 + (unsigned)(*p - '0');
-    }
-    if (s[0] == '\0' || v < min || v > max)
-        goto Bad;
-    *out = (unsigned)v;
-    return 0;
-Bad:
-    fprintf(stderr, "%s: expected a whole number from %u to %u, got '%s'\n", flag, min, max, s);
-    return -1;
-}
-
 /* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
 static int parse_digits(const char *s, uint64_t *out)
 {
@@ -127,6 +108,17 @@ static int parse_unsigned(const char *flag, const char *s, const char *unit, uns
     uint64_t v;
 
     if (parse_number(flag, s, unit, 1, max, max_name, &v) != 0)
+        return -1;
+    *out = (unsigned)v;
+    return 0;
+}
+
+/* A count or a number of seconds from `min` (0 allowed: "off") to `max`. */
+static int parse_uint(const char *flag, const char *s, const char *unit, unsigned min, unsigned max, unsigned *out)
+{
+    uint64_t v;
+
+    if (parse_number(flag, s, unit, min, max, NULL, &v) != 0)
         return -1;
     *out = (unsigned)v;
     return 0;
@@ -284,19 +276,19 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             cfg->allowed_hosts = optarg;
             break;
         case OPT_MAX_CLIENT_INGESTS:
-            if (parse_uint("--max-client-ingests", optarg, 0, 1000000, &cfg->max_client_ingests) != 0)
+            if (parse_uint("--max-client-ingests", optarg, "uploads", 0, JI_MAX_FLAG_VALUE, &cfg->max_client_ingests) != 0)
                 return -1;
             break;
         case OPT_MIN_BODY_RATE:
-            if (parse_uint("--min-body-rate", optarg, 0, 1u << 30, &cfg->min_body_rate) != 0)
+            if (parse_uint("--min-body-rate", optarg, "bytes/s", 0, 1u << 30, &cfg->min_body_rate) != 0)
                 return -1;
             break;
         case OPT_MIN_BODY_RATE_WINDOW:
-            if (parse_uint("--min-body-rate-window", optarg, 1, 3600, &cfg->min_body_rate_window_s) != 0)
+            if (parse_uint("--min-body-rate-window", optarg, "seconds", 1, 3600, &cfg->min_body_rate_window_s) != 0)
                 return -1;
             break;
         case OPT_SHUTDOWN_GRACE:
-            if (parse_uint("--shutdown-grace", optarg, 0, 86400, &cfg->shutdown_grace_s) != 0)
+            if (parse_uint("--shutdown-grace", optarg, "seconds", 0, 86400, &cfg->shutdown_grace_s) != 0)
                 return -1;
             break;
         case OPT_HELP:
