@@ -68,6 +68,16 @@
 #define JI_RETRY_AFTER_DB_S 5
 /** Retry-After (seconds) of a 503 because a limit on work in progress is reached, or the server stops. */
 #define JI_RETRY_AFTER_BUSY_S 1
+/**
+ * lock_timeout of the transactions of uploads, start-up and gc (ms): none of their statements waits for a lock
+ * longer than this (a backstop: uploads with one Idempotency-Key do not wait at all, the second one gets 409).
+ */
+#define JI_PG_LOCK_TIMEOUT_MS 5000
+/**
+ * How long a connection given back after a failed request may take to end its COPY and roll back (ms); a
+ * connection that takes longer is closed instead of going back to the pool.
+ */
+#define JI_PG_ROLLBACK_TIMEOUT_MS 10000
 /** Between attempts to reach the database at start-up (seconds). */
 #define JI_DB_RETRY_SECONDS 1
 
