@@ -23,6 +23,7 @@ typedef struct st_ji_config_t {
     unsigned max_ingests;     /**< POST /users requests running at once in the process (--max-ingests) */
     unsigned idle_timeout_ms; /**< a head or body that receives nothing for this long is cut (--idle-timeout) */
     uint64_t max_inflated_bytes; /**< most bytes one gzip body may inflate to (--max-inflated-bytes) */
+    unsigned idempotency_ttl_s;  /**< seconds a committed Idempotency-Key answers retries (--idempotency-ttl) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

@@ -43,8 +43,19 @@
 #define JI_MAX_HEAD_BYTES 16384
 /** Most headers in one request head. */
 #define JI_MAX_HEADERS 64
-/** Longest Idempotency-Key accepted (bytes). */
+/** Longest Idempotency-Key accepted (bytes): a key is stored and indexed with its batch. */
 #define JI_MAX_IDEMPOTENCY_KEY_BYTES 255
+/**
+ * Default for --idempotency-ttl (seconds): how long a committed key answers retries. After it the key may be
+ * reused; the service and `gc` clear it (its batch stays), so keys do not pile up in the database.
+ */
+#define JI_DEFAULT_IDEMPOTENCY_TTL_S 86400
+/** Largest --idempotency-ttl (seconds): one year. */
+#define JI_MAX_IDEMPOTENCY_TTL_S (366u * 86400)
+/** Longest time between two sweeps of expired keys by one worker while it commits uploads (seconds). */
+#define JI_IDEMPOTENCY_SWEEP_INTERVAL_S 60
+/** Expired keys cleared by one sweep statement: a sweep stays short however many keys expired at once. */
+#define JI_IDEMPOTENCY_SWEEP_ROWS 1000
 /**
  * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
  * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).

@@ -29,9 +29,10 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
             "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
             "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
+            "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
+            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_IDEMPOTENCY_TTL_S);
 }
 
 static int parse_size(const char *flag, const char *s, size_t *out)
@@ -82,6 +83,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_INGESTS,
         OPT_IDLE_TIMEOUT,
         OPT_MAX_INFLATED,
+        OPT_IDEMPOTENCY_TTL,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -96,6 +98,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-ingests", required_argument, NULL, OPT_MAX_INGESTS},
         {"idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT},
         {"max-inflated-bytes", required_argument, NULL, OPT_MAX_INFLATED},
+        {"idempotency-ttl", required_argument, NULL, OPT_IDEMPOTENCY_TTL},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -116,6 +119,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
     cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
     cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
+    cfg->idempotency_ttl_s = JI_DEFAULT_IDEMPOTENCY_TTL_S;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -156,6 +160,18 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             if (parse_size("--max-inflated-bytes", optarg, &n) != 0)
                 return -1;
             cfg->max_inflated_bytes = n;
+            break;
+        }
+        case OPT_IDEMPOTENCY_TTL: {
+            size_t n;
+            if (parse_size("--idempotency-ttl", optarg, &n) != 0)
+                return -1;
+            if (n > JI_MAX_IDEMPOTENCY_TTL_S) {
+                fprintf(stderr, "--idempotency-ttl: at most JI_MAX_IDEMPOTENCY_TTL_S (%u seconds)\n",
+                        JI_MAX_IDEMPOTENCY_TTL_S);
+                return -1;
+            }
+            cfg->idempotency_ttl_s = (unsigned)n;
             break;
         }
         case OPT_MAX_ARRAY:

@@ -49,7 +49,7 @@ typedef struct st_ji_conn_t {
     ji_ingest_t *ingest;
     bool admitted; /**< holds an upload place (ji_server_admit_ingest) */
     ji_ingest_params_t params;
-    char idempotency_key[256];
+    char idempotency_key[JI_MAX_IDEMPOTENCY_VALUE_BYTES + 1];
     bool flush_due;
     bool gzip;           /**< Content-Encoding: gzip */
     ji_gunzip_t *gunzip; /**< its inflater, while the body streams */
@@ -745,8 +745,8 @@ static void process_head(ji_conn_t *c)
         return;
     }
     if (idempotency_key != NULL) {
-        if (idempotency_key->value_len == 0 || idempotency_key->value_len >= sizeof(c->idempotency_key)) {
-            respond_error(c, JI_ERR_MALFORMED, "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
+        if (ji_idempotency_key_check(idempotency_key->value, idempotency_key->value_len, &err) != 0) {
+            respond_error(c, err.kind, err.message);
             return;
         }
         memcpy(c->idempotency_key, idempotency_key->value, idempotency_key->value_len);

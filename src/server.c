@@ -177,8 +177,8 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     }
     if ((ct = h2o_find_header_by_str(&req->headers, H2O_STRLIT("idempotency-key"), -1)) != -1) {
         h2o_iovec_t v = req->headers.entries[ct].value;
-        if (v.len == 0 || v.len > JI_MAX_IDEMPOTENCY_KEY_BYTES) {
-            ji_reply_errorf(req, JI_ERR_MALFORMED, "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
+        if (ji_idempotency_key_check(v.base, v.len, &err) != 0) {
+            ji_reply_error(req, &err);
             return 0;
         }
         params.idempotency_key = h2o_strdup(&req->pool, v.base, v.len).base;
@@ -367,6 +367,7 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
         .pg_pool = w->pg_pool,
         .images = &server->images,
         .max_record_bytes = server->config->max_record_bytes,
+        .idempotency_ttl_s = server->config->idempotency_ttl_s,
         .stats = &w->ingest_stats,
     };
     w->listener = h2o_evloop_socket_create(w->ctx.loop, listen_fd, H2O_SOCKET_FLAG_DONT_READ);
@@ -458,6 +459,8 @@ static int prepare_storage(ji_server_t *server, bool quiet)
     }
     if (removed != 0)
         fprintf(stderr, "removed %llu image files left by interrupted requests\n", (unsigned long long)removed);
+    if (ji_schema_expire_idempotency_keys(conn, cfg->idempotency_ttl_s, NULL, &err) != 0)
+        fprintf(stderr, "cannot clear expired Idempotency-Keys: %s\n", err.message);
     ret = 0;
 Exit:
     PQfinish(conn);
