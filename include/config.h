@@ -29,6 +29,7 @@ typedef struct st_ji_config_t {
     unsigned min_body_rate;        /**< bytes/s a body must keep up over the window (--min-body-rate; 0: off) */
     unsigned min_body_rate_window_s; /**< the window of --min-body-rate (--min-body-rate-window) */
     unsigned shutdown_grace_s;     /**< after SIGTERM, seconds uploads may take before they get 503 (--shutdown-grace) */
+    unsigned idempotency_ttl_s;  /**< seconds a committed Idempotency-Key answers retries (--idempotency-ttl) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

@@ -8,6 +8,12 @@
  * Flow control: ji_ingest_feed takes what it can; when it takes less than it
  * was given, the owner stops feeding until the resume callback. Callbacks
  * never fire from inside a ji_ingest_* call: they come from the event loop.
+ *
+ * Idempotency-Key: a request with a key whose first request committed within
+ * --idempotency-ttl is a replay: the owner feeds the body as usual, the
+ * ingest only hashes it, and at the end answers the first answer (same
+ * content) or 422 (other content). A key whose first request still runs is
+ * 409 before the first resume. The key rules are in idempotency.h.
  */
 #ifndef JI_INGEST_H
 #define JI_INGEST_H
@@ -15,6 +21,7 @@
 #include <h2o.h>
 #include <stdatomic.h>
 #include "common.h"
+#include "idempotency.h"
 #include "image_store.h"
 #include "pg.h"
 
@@ -35,6 +42,7 @@ typedef struct st_ji_ingest_stats_t {
 /**
  * What an ingest needs from the thread it runs on. Owned by the caller (one per event loop), it outlives every
  * ingest started with it. Admission (how many ingests may run, whether the database is ready) is the caller's.
+ * Ingests of the loop write `next_key_sweep_ms`; the rest is theirs to read.
  */
 typedef struct st_ji_ingest_env_t {
     h2o_loop_t *loop;
@@ -42,13 +50,20 @@ typedef struct st_ji_ingest_env_t {
     ji_pg_pool_t *pg_pool;
     ji_image_store_t *images;
     size_t max_record_bytes; /**< --max-record-bytes */
+    unsigned idempotency_ttl_s; /**< --idempotency-ttl (0: JI_DEFAULT_IDEMPOTENCY_TTL_S) */
     ji_ingest_stats_t *stats;
+    /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */
+    uint64_t next_key_sweep_ms;
 } ji_ingest_env_t;
 
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip */
     uint64_t body_bytes; /**< record mode: the size of the body the records came from (reported as "bytes") */
-    const char *idempotency_key; /**< Idempotency-Key header (copied), or NULL */
+    /**
+     * The Idempotency-Key header's value as received (NUL-terminated, copied by ji_ingest_new), or NULL. The
+     * ingest checks it again (ji_idempotency_key_check: 400 when bad) and removes the quotes of the quoted form.
+     */
+    const char *idempotency_key;
 } ji_ingest_params_t;
 
 typedef struct st_ji_ingest_callbacks_t {
@@ -62,8 +77,8 @@ typedef struct st_ji_ingest_callbacks_t {
 } ji_ingest_callbacks_t;
 
 /** Starts an ingest (connects to the database, opens the transaction). NULL only when out of memory. */
-ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t *params,
-                           const ji_ingest_callbacks_t *cb, void *owner);
+ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *params, const ji_ingest_callbacks_t *cb,
+                           void *owner);
 
 /** Offers body bytes; returns how many were taken (less than `len`: wait for resume, or done comes). */
 size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len);
@@ -93,8 +108,9 @@ void ji_ingest_end(ji_ingest_t *in);
 void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
 
 /**
- * Frees the ingest. Before the answer this aborts: the transaction is dropped and every image file of the
- * request removed. Once COMMIT was sent it never removes files (gc settles an unknown outcome).
+ * Frees the ingest. Before the answer this aborts: the transaction is rolled back (in the background, on a
+ * connection that then goes back to the pool) and every image file of the request removed. Once COMMIT was
+ * sent it never removes files (gc settles an unknown outcome).
  */
 void ji_ingest_free(ji_ingest_t *in);
 

@@ -47,6 +47,20 @@ void ji_pg_pool_free(ji_pg_pool_t *pool);
 ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx);
 /** Gives `pg` back: kept idle when healthy, out of any transaction and the pool has room; freed otherwise. */
 void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg);
+/**
+ * Gives back `pg` after a failed request without waiting for the server: a COPY in progress is ended with an
+ * error (`copy_abort_msg`, which the server logs; NULL: a default), a statement in flight is waited for, the
+ * transaction rolled back, then the connection goes idle like ji_pg_pool_put. A broken connection, or one that
+ * takes longer than JI_PG_ROLLBACK_TIMEOUT_MS, is closed instead. No callback fires for the caller again;
+ * until it is done the connection counts as busy.
+ */
+void ji_pg_pool_put_rollback(ji_pg_pool_t *pool, ji_pg_t *pg, const char *copy_abort_msg);
+/**
+ * Gives back `pg` like ji_pg_pool_put, after running `sql` (copied; one statement, no parameters) on it in the
+ * background, outside any transaction: housekeeping that must not delay an answer. Its failure is logged to
+ * stderr, never reported. Same rules as ji_pg_pool_put_rollback.
+ */
+void ji_pg_pool_put_after(ji_pg_pool_t *pool, ji_pg_t *pg, const char *sql);
 /** Counters for /metrics: callable from any thread (relaxed atomic loads; each value exact, not a snapshot). */
 size_t ji_pg_pool_idle(const ji_pg_pool_t *pool);
 size_t ji_pg_pool_busy(const ji_pg_pool_t *pool);

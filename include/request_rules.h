@@ -84,7 +84,7 @@ typedef struct st_ji_upload_options_t {
     ji_format_t format; /**< from ?format=, else the Content-Type; UNDECIDED: the first body byte decides */
     bool skip_errors;   /**< ?on_error=skip */
     ji_content_encoding_t encoding;
-    char idempotency_key[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1]; /**< "" when none */
+    char idempotency_key[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1]; /**< "" when none (quotes of the quoted form removed) */
 } ji_upload_options_t;
 
 /**
@@ -96,14 +96,6 @@ int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, 
 /** Reads the query string (without '?'). 0, or -1 with `err` filled (415 unknown format, 400 unknown on_error). */
 int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, size_t len, ji_error_t *err)
     JI_MUST_CHECK;
-
-/**
- * An Idempotency-Key value: 1 to JI_MAX_IDEMPOTENCY_KEY_BYTES visible ASCII characters (0x21-0x7e), or the same
- * as a quoted string ("...", the form of a structured-field String; the quotes are not part of the key). The key
- * is copied into `out` (NUL-terminated). 0, or -1 with `err` (400).
- */
-int ji_idempotency_key_parse(const char *value, size_t len, char out[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1],
-                             ji_error_t *err) JI_MUST_CHECK;
 
 /** True for the Content-Types that mean JSON Lines (parameters such as "; charset=utf-8" ignored). */
 bool ji_content_type_is_jsonl(const char *value, size_t len);

@@ -51,8 +51,19 @@
 #define JI_MAX_HEAD_BYTES 16384
 /** Most headers in one request head. */
 #define JI_MAX_HEADERS 64
-/** Longest Idempotency-Key accepted (bytes). */
+/** Longest Idempotency-Key accepted (bytes): a key is stored and indexed with its batch. */
 #define JI_MAX_IDEMPOTENCY_KEY_BYTES 255
+/**
+ * Default for --idempotency-ttl (seconds): how long a committed key answers retries. After it the key may be
+ * reused; the service and `gc` clear it (its batch stays), so keys do not pile up in the database.
+ */
+#define JI_DEFAULT_IDEMPOTENCY_TTL_S 86400
+/** Largest --idempotency-ttl (seconds): one year. */
+#define JI_MAX_IDEMPOTENCY_TTL_S (366u * 86400)
+/** Longest time between two sweeps of expired keys by one worker while it commits uploads (seconds). */
+#define JI_IDEMPOTENCY_SWEEP_INTERVAL_S 60
+/** Expired keys cleared by one sweep statement: a sweep stays short however many keys expired at once. */
+#define JI_IDEMPOTENCY_SWEEP_ROWS 1000
 /**
  * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
  * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
@@ -87,6 +98,16 @@
 #define JI_RETRY_AFTER_DB_S 5
 /** Retry-After (seconds) of a 503 because a limit on work in progress is reached, or the server stops. */
 #define JI_RETRY_AFTER_BUSY_S 1
+/**
+ * lock_timeout of the transactions of uploads, start-up and gc (ms): none of their statements waits for a lock
+ * longer than this (a backstop: uploads with one Idempotency-Key do not wait at all, the second one gets 409).
+ */
+#define JI_PG_LOCK_TIMEOUT_MS 5000
+/**
+ * How long a connection given back after a failed request may take to end its COPY and roll back (ms); a
+ * connection that takes longer is closed instead of going back to the pool.
+ */
+#define JI_PG_ROLLBACK_TIMEOUT_MS 10000
 /** Between attempts to reach the database at start-up (seconds). */
 #define JI_DB_RETRY_SECONDS 1
 

@@ -46,10 +46,12 @@ void ji_config_usage(const char *argv0, void *out)
             "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 off (default %u)\n"
             "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
             "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n"
+            "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
             JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
-            JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S);
+            JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S,
+            JI_DEFAULT_IDEMPOTENCY_TTL_S);
 }
 
 /* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
@@ -162,6 +164,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MIN_BODY_RATE,
         OPT_MIN_BODY_RATE_WINDOW,
         OPT_SHUTDOWN_GRACE,
+        OPT_IDEMPOTENCY_TTL,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -182,6 +185,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"min-body-rate", required_argument, NULL, OPT_MIN_BODY_RATE},
         {"min-body-rate-window", required_argument, NULL, OPT_MIN_BODY_RATE_WINDOW},
         {"shutdown-grace", required_argument, NULL, OPT_SHUTDOWN_GRACE},
+        {"idempotency-ttl", required_argument, NULL, OPT_IDEMPOTENCY_TTL},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -206,6 +210,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->min_body_rate = JI_DEFAULT_MIN_BODY_RATE;
     cfg->min_body_rate_window_s = JI_DEFAULT_MIN_BODY_RATE_WINDOW_S;
     cfg->shutdown_grace_s = JI_DEFAULT_SHUTDOWN_GRACE_S;
+    cfg->idempotency_ttl_s = JI_DEFAULT_IDEMPOTENCY_TTL_S;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -237,6 +242,11 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_MAX_INFLATED:
             if (parse_number("--max-inflated-bytes", optarg, "bytes", 1, UINT64_MAX, NULL, &cfg->max_inflated_bytes) !=
                 0)
+                return -1;
+            break;
+        case OPT_IDEMPOTENCY_TTL:
+            if (parse_unsigned("--idempotency-ttl", optarg, "seconds", JI_MAX_IDEMPOTENCY_TTL_S,
+                               "JI_MAX_IDEMPOTENCY_TTL_S", &cfg->idempotency_ttl_s) != 0)
                 return -1;
             break;
         case OPT_MAX_ARRAY:

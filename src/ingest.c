@@ -1,94 +1,19 @@
 /*
  * ingest.c — one POST /users request: owns its splitter, record parser,
- * image batch, database connection and COPY buffer, and drives them through
- * the steps below. Everything that can fail ends in fail(), which drops the
- * transaction, removes the request's files and answers with the error.
- *
- *   CONNECTING -> BEGIN -> BATCH -> COPY_START -> STREAMING -> COPY_END
- *     -> SUMMARY -> COMMIT -> DONE            (any step) -> FAILED
+ * image batch, COPY buffer and request digest, feeds the records of its body
+ * (or of record mode) into COPY rows and image files, and talks to its owner
+ * (resume, done). Everything that can fail ends in ji_ingest_abort(), which
+ * removes the request's files, drops its transaction and answers with the
+ * error. The transaction itself is ingest_tx.c's.
  */
-#include "ingest.h"
+#include "ingest_internal.h"
 
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "image_store.h"
-#include "record_parser.h"
-#include "json_text.h"
 #include "row_encoder.h"
-#include "splitter.h"
-
-/** Message kept per reported error in skip mode. */
-#define JI_REPORTED_ERROR_CHARS sizeof(((ji_error_t *)0)->message)
-
-typedef enum {
-    ST_CONNECTING,
-    ST_BEGIN,
-    ST_BATCH,
-    ST_COPY_START,
-    ST_STREAMING,
-    ST_COPY_END,
-    ST_SUMMARY,
-    ST_COMMIT,
-    ST_DONE,
-    ST_FAILED,
-} ingest_state_t;
-
-typedef struct {
-    uint64_t line;
-    char field[32];
-    char message[JI_REPORTED_ERROR_CHARS];
-} reported_error_t;
-
-struct st_ji_ingest_t {
-    const ji_ingest_env_t *env;
-    ji_ingest_params_t params;
-    const ji_ingest_callbacks_t *cb;
-    void *owner;
-    ingest_state_t state;
-    bool ended;       /**< the owner fed every body byte */
-    bool lines_ended; /**< the splitter saw the end of input */
-    bool paused;      /**< COPY output backed up: waiting for the drain event */
-    bool refused;     /**< the owner was given less than it offered: it waits for resume */
-    bool record_mode; /**< records come from ji_ingest_put_record, not from body bytes */
-    bool replayed;    /**< answered from an earlier request with the same Idempotency-Key */
-    char *idempotency_key;
-    struct timespec started;
-
-    ji_pg_t *pg;
-    ji_image_batch_t *images;
-    ji_splitter_t splitter;
-    ji_record_parser_t *parser;
-
-    /* the line being parsed */
-    bool line_failed;
-    bool line_has_image;
-    ji_image_info_t line_image;
-
-    char *copy_buf;
-    size_t copy_len;
-    int64_t batch_id;
-    char batch_id_text[24];
-    char first_id[24], last_id[24];
-
-    uint64_t inserted, skipped, images_stored, bytes;
-    reported_error_t *reported;
-    size_t nreported;
-
-    ji_error_t err;
-    int status;
-    unsigned retry_after;
-    ji_text_t answer;
-
-    h2o_timeout_entry_t defer; /**< delivers callbacks from the loop */
-    bool pending_resume, pending_done;
-};
-
-static void fail(ji_ingest_t *in, const ji_error_t *err);
-static void finish(ji_ingest_t *in);
 
 /* ------------------------------------------------------------------ callbacks to the owner */
 
@@ -115,7 +40,13 @@ static void schedule(ji_ingest_t *in)
         h2o_timeout_link(in->env->loop, in->env->zero_timeout, &in->defer);
 }
 
-static void schedule_resume(ji_ingest_t *in)
+void ji_ingest_answer(ji_ingest_t *in)
+{
+    in->pending_done = true;
+    schedule(in);
+}
+
+void ji_ingest_resume_owner(ji_ingest_t *in)
 {
     if (!in->refused)
         return;
@@ -123,30 +54,15 @@ static void schedule_resume(ji_ingest_t *in)
     schedule(in);
 }
 
-static double elapsed_ms(const ji_ingest_t *in)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (now.tv_sec - in->started.tv_sec) * 1e3 + (now.tv_nsec - in->started.tv_nsec) / 1e6;
-}
-
 /* ------------------------------------------------------------------ failure */
 
-static void release_db(ji_ingest_t *in)
-{
-    if (in->pg != NULL) {
-        ji_pg_free(in->pg); /* closing the connection rolls the transaction back */
-        in->pg = NULL;
-    }
-}
-
-static void fail(ji_ingest_t *in, const ji_error_t *err)
+void ji_ingest_abort(ji_ingest_t *in, const ji_error_t *err)
 {
     if (in->state == ST_DONE || in->state == ST_FAILED)
         return;
+    in->state_before_failure = in->state;
     in->state = ST_FAILED;
     in->err = *err;
-    release_db(in);
     if (in->images != NULL) {
         ji_image_batch_abort(in->images);
         in->images = NULL;
@@ -159,17 +75,8 @@ static void fail(ji_ingest_t *in, const ji_error_t *err)
     atomic_fetch_add_explicit(&in->env->stats->errors[err->kind], 1, memory_order_relaxed);
     if (err->kind == JI_ERR_TOO_LARGE)
         atomic_fetch_add_explicit(&in->env->stats->limit_record_bytes, 1, memory_order_relaxed);
-    in->pending_done = true;
-    schedule(in);
-}
-
-static void fail_db(ji_ingest_t *in, const char *what, const char *why)
-{
-    ji_error_t err;
-    /* a server that answered with an error is not "unavailable": only a lost or refused connection is */
-    bool lost = in->pg == NULL || PQstatus(ji_pg_conn(in->pg)) != CONNECTION_OK;
-    ji_error_set(&err, lost ? JI_ERR_DB : JI_ERR_INTERNAL, 0, NULL, "%s: %s", what, why != NULL ? why : "");
-    fail(in, &err);
+    if (!ji_ingest_tx_abort(in))
+        ji_ingest_answer(in); /* else once the key's lock is released */
 }
 
 /* ------------------------------------------------------------------ rows */
@@ -184,7 +91,7 @@ static int flush_rows(ji_ingest_t *in)
     r = ji_pg_copy_put(in->pg, in->copy_buf, in->copy_len);
     in->copy_len = 0;
     if (r < 0) {
-        fail_db(in, "database connection lost during COPY", ji_pg_error(in->pg));
+        ji_ingest_tx_fail(in, "connection lost during COPY", NULL, ji_pg_error(in->pg));
         return -1;
     }
     if (r == 1)
@@ -217,7 +124,7 @@ static int record_error(ji_ingest_t *in, ji_error_t *err, uint64_t line)
         in->line_failed = true;
         return 0;
     }
-    fail(in, err);
+    ji_ingest_abort(in, err);
     return -1;
 }
 
@@ -305,7 +212,7 @@ static int on_line_end(void *ctx, uint64_t line)
         in->line_failed = false;
         if (ji_record_parser_reset(in->parser) != 0) {
             ji_error_set(&err, JI_ERR_INTERNAL, line, NULL, "out of memory");
-            fail(in, &err);
+            ji_ingest_abort(in, &err);
             return -1;
         }
         return 0;
@@ -320,7 +227,7 @@ static int on_line_end(void *ctx, uint64_t line)
         return -1;
     if (ji_record_parser_reset(in->parser) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, line, NULL, "out of memory");
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
         return -1;
     }
     in->line_failed = false;
@@ -350,7 +257,7 @@ static void skip_long_line(ji_ingest_t *in)
     in->line_failed = false;
     if (ji_record_parser_reset(in->parser) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, err.line, NULL, "out of memory");
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
         return;
     }
     ji_splitter_skip_line(&in->splitter);
@@ -367,276 +274,22 @@ static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
         return in->state != ST_FAILED;
     case JI_SPLIT_TOO_LONG:
         too_long_error(in, &err);
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
         return false;
     case JI_SPLIT_ERROR:
         break;
     }
     if (in->state != ST_FAILED) {
         ji_error_set(&err, JI_ERR_INTERNAL, ji_splitter_line(&in->splitter), NULL, "record handling failed");
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
     }
     return false;
 }
 
-/* ------------------------------------------------------------------ database steps */
-
-/** The success answer, built before COMMIT so that an Idempotency-Key can keep it in the same transaction. */
-static void build_answer(ji_ingest_t *in)
-{
-    ji_text_t *t = &in->answer;
-
-    ji_text_free(t);
-    ji_text_printf(t,
-                   "{\"inserted\":%" PRIu64 ",\"skipped\":%" PRIu64 ",\"lines\":%" PRIu64 ",\"images\":%" PRIu64
-                   ",\"bytes\":%" PRIu64 ",\"batch_id\":%" PRId64 ",\"first_user_id\":%s,\"last_user_id\":%s"
-                   ",\"elapsed_ms\":%.1f",
-                   in->inserted, in->skipped,
-                   in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter),
-                   in->images_stored, in->bytes, in->batch_id, in->first_id, in->last_id, elapsed_ms(in));
-    if (in->params.skip_errors) {
-        ji_text_append(t, ",\"errors\":[", 11);
-        for (size_t i = 0; i < in->nreported; i++) {
-            ji_text_printf(t, "%s{\"line\":%" PRIu64 ",\"error\":", i ? "," : "", in->reported[i].line);
-            ji_text_json_string(t, in->reported[i].message, strlen(in->reported[i].message));
-            if (in->reported[i].field[0] != '\0') {
-                ji_text_append(t, ",\"field\":", 9);
-                ji_text_json_string(t, in->reported[i].field, strlen(in->reported[i].field));
-            }
-            ji_text_append(t, "}", 1);
-        }
-        ji_text_append(t, "]", 1);
-    }
-    ji_text_append(t, "}\n", 2);
-}
-
-/** Answers 200 with what in->answer holds. */
-static void succeed(ji_ingest_t *in)
-{
-    in->state = ST_DONE;
-    in->status = 200;
-    in->pending_done = true;
-    schedule(in);
-}
-
-static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)res;
-    if (err != NULL) {
-        ji_error_t e;
-        bool unknown = PQstatus(ji_pg_conn(pg)) != CONNECTION_OK;
-        if (unknown) {
-            /* COMMIT may or may not have happened: keep the files and their journal, gc settles it */
-            ji_image_batch_forget(in->images);
-            in->images = NULL;
-        }
-        ji_error_set(&e, unknown ? JI_ERR_DB : JI_ERR_INTERNAL, 0, NULL, "COMMIT failed: %s", err);
-        fail(in, &e);
-        return;
-    }
-    ji_image_batch_commit(in->images);
-    in->images = NULL;
-    ji_pg_pool_put(in->env->pg_pool, in->pg);
-    in->pg = NULL;
-    atomic_fetch_add_explicit(&in->env->stats->ingests_ok, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->env->stats->records, in->inserted, memory_order_relaxed);
-    atomic_fetch_add_explicit(&in->env->stats->images, in->images_stored, memory_order_relaxed);
-    succeed(in);
-}
-
-static void send_commit(ji_ingest_t *in)
-{
-    in->state = ST_COMMIT;
-    if (ji_pg_query(in->pg, "COMMIT", 0, NULL, on_commit, in) != 0)
-        fail_db(in, "sending COMMIT failed", ji_pg_error(in->pg));
-}
-
-static void on_answer_kept(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)pg;
-    (void)res;
-    if (err != NULL) {
-        fail_db(in, "keeping the answer of the Idempotency-Key failed", err);
-        return;
-    }
-    send_commit(in);
-}
-
-static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        fail_db(in, "reading the batch's user ids failed", err);
-        return;
-    }
-    if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
-        snprintf(in->first_id, sizeof(in->first_id), "%s", PQgetvalue(res, 0, 0));
-        snprintf(in->last_id, sizeof(in->last_id), "%s", PQgetvalue(res, 0, 1));
-    }
-    build_answer(in);
-    if (in->idempotency_key != NULL) {
-        const char *params[2] = {in->batch_id_text, in->answer.base};
-        if (ji_pg_query(pg, "UPDATE batches SET response = $2 WHERE batch_id = $1", 2, params, on_answer_kept, in) !=
-            0)
-            fail_db(in, "keeping the answer of the Idempotency-Key failed", ji_pg_error(pg));
-        return;
-    }
-    send_commit(in);
-}
-
-static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    const char *params[1] = {in->batch_id_text};
-    ji_error_t e;
-
-    (void)res;
-    if (err != NULL) {
-        fail_db(in, "COPY failed", err);
-        return;
-    }
-    if (ji_image_batch_sync(in->images, &e) != 0) {
-        fail(in, &e);
-        return;
-    }
-    in->state = ST_SUMMARY;
-    if (in->inserted == 0) {
-        on_summary(pg, in, NULL, NULL);
-        return;
-    }
-    if (ji_pg_query(pg, "SELECT min(user_id), max(user_id) FROM users WHERE batch_id = $1", 1, params, on_summary,
-                    in) != 0)
-        fail_db(in, "sending the summary query failed", ji_pg_error(pg));
-}
-
-static void on_pg_event(ji_pg_t *pg, void *ctx, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)pg;
-    if (err != NULL) {
-        fail_db(in, "database connection lost", err);
-        return;
-    }
-    in->paused = false;
-    if (in->state != ST_STREAMING)
-        return;
-    if (in->ended)
-        finish(in);
-    else
-        schedule_resume(in);
-}
-
-static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)res;
-    if (err != NULL) {
-        fail_db(in, "starting COPY failed", err);
-        return;
-    }
-    in->state = ST_STREAMING;
-    ji_pg_set_event_cb(pg, on_pg_event, in);
-    if (in->ended)
-        finish(in);
-    else
-        schedule_resume(in);
-}
-
-/** The key was used by a committed request: answer what it answered, store nothing. */
-static void on_replay(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    ji_error_t e;
-
-    (void)pg;
-    if (err != NULL) {
-        fail_db(in, "reading the answer of the Idempotency-Key failed", err);
-        return;
-    }
-    if (PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "the Idempotency-Key is taken but has no answer");
-        fail(in, &e);
-        return;
-    }
-    ji_text_free(&in->answer);
-    ji_text_append(&in->answer, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0));
-    release_db(in); /* nothing was written: the transaction is dropped */
-    ji_image_batch_abort(in->images);
-    in->images = NULL;
-    in->replayed = true;
-    succeed(in);
-}
-
-static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        fail_db(in, "creating the batch failed", err);
-        return;
-    }
-    if (PQntuples(res) == 0) {
-        /* ON CONFLICT on the Idempotency-Key: it waited for the other request, which committed */
-        const char *params[1] = {in->idempotency_key};
-        in->state = ST_SUMMARY;
-        if (ji_pg_query(pg, "SELECT response FROM batches WHERE idempotency_key = $1", 1, params, on_replay, in) != 0)
-            fail_db(in, "reading the answer of the Idempotency-Key failed", ji_pg_error(pg));
-        return;
-    }
-    snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(res, 0, 0));
-    in->batch_id = strtoll(in->batch_id_text, NULL, 10);
-    in->state = ST_COPY_START;
-    if (ji_pg_query(pg, JI_COPY_USERS_SQL, 0, NULL, on_copy_start, in) != 0)
-        fail_db(in, "sending COPY failed", ji_pg_error(pg));
-}
-
-static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    const char *params[2] = {ji_image_batch_key(in->images), in->idempotency_key};
-    int r;
-
-    (void)res;
-    if (err != NULL) {
-        fail_db(in, "BEGIN failed", err);
-        return;
-    }
-    in->state = ST_BATCH;
-    if (in->idempotency_key != NULL)
-        r = ji_pg_query(pg,
-                        "INSERT INTO batches (batch_key, idempotency_key) VALUES ($1, $2) "
-                        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING batch_id",
-                        2, params, on_batch, in);
-    else
-        r = ji_pg_query(pg, "INSERT INTO batches (batch_key) VALUES ($1) RETURNING batch_id", 1, params, on_batch, in);
-    if (r != 0)
-        fail_db(in, "creating the batch failed", ji_pg_error(pg));
-}
-
-static void on_connected(ji_pg_t *pg, void *ctx, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        fail_db(in, "database unavailable", err);
-        return;
-    }
-    in->state = ST_BEGIN;
-    if (ji_pg_query(pg, "BEGIN", 0, NULL, on_begin, in) != 0)
-        fail_db(in, "database unavailable", ji_pg_error(pg));
-}
-
 /* ------------------------------------------------------------------ public */
 
-ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t *params,
-                           const ji_ingest_callbacks_t *cb, void *owner)
+ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *params, const ji_ingest_callbacks_t *cb,
+                           void *owner)
 {
     ji_ingest_t *in = calloc(1, sizeof(*in));
     ji_error_t err;
@@ -645,6 +298,7 @@ ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t 
         return NULL;
     in->env = env;
     in->params = *params;
+    in->params.idempotency_key = NULL; /* the caller's copy: in->key is ours */
     in->cb = cb;
     in->owner = owner;
     in->state = ST_CONNECTING;
@@ -653,32 +307,53 @@ ji_ingest_t *ji_ingest_new(const ji_ingest_env_t *env, const ji_ingest_params_t 
     in->refused = true; /* the owner waits for the first resume */
     strcpy(in->first_id, "null");
     strcpy(in->last_id, "null");
+    strcpy(in->batch_key, "-");
     clock_gettime(CLOCK_MONOTONIC, &in->started);
     ji_splitter_init(&in->splitter, env->max_record_bytes, &splitter_handler, in);
     atomic_fetch_add_explicit(&env->stats->requests, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&env->stats->ingests_in_flight, 1, memory_order_relaxed);
 
-    if (params->idempotency_key != NULL && (in->idempotency_key = strdup(params->idempotency_key)) == NULL) {
-        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        fail(in, &err);
-        return in;
+    if (params->idempotency_key != NULL) {
+        size_t len = strlen(params->idempotency_key);
+        /* the request paths check it already; this keeps a bad key out of the database whoever calls */
+        if (ji_idempotency_key_check(params->idempotency_key, len, &err) != 0) {
+            ji_ingest_abort(in, &err);
+            return in;
+        }
+        ji_idempotency_key_copy(in->key, params->idempotency_key, len);
+        in->keyed = true;
+        if ((in->digest = ji_request_digest_new()) == NULL) {
+            ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+            ji_ingest_abort(in, &err);
+            return in;
+        }
     }
 
     if ((in->copy_buf = malloc(JI_COPY_BUFFER_BYTES + JI_COPY_BUFFER_SLACK)) == NULL ||
         (in->parser = ji_record_parser_new(&record_handler, in)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
         return in;
     }
     if ((in->images = ji_image_batch_begin(env->images, &err)) == NULL) {
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
         return in;
     }
-    if ((in->pg = ji_pg_pool_get(env->pg_pool, on_connected, in)) == NULL) {
+    snprintf(in->batch_key, sizeof(in->batch_key), "%s", ji_image_batch_key(in->images));
+    if (ji_ingest_tx_start(in) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        fail(in, &err);
+        ji_ingest_abort(in, &err);
     }
     return in;
+}
+
+/** REPLAY: body bytes are only hashed. */
+static size_t feed_replay(ji_ingest_t *in, const char *data, size_t len)
+{
+    ji_request_digest_update(in->digest, data, len);
+    in->bytes += len;
+    atomic_fetch_add_explicit(&in->env->stats->body_bytes, len, memory_order_relaxed);
+    return len;
 }
 
 size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
@@ -686,6 +361,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     size_t consumed = 0;
     ji_split_result_t r;
 
+    if (in->state == ST_REPLAY && !in->ended)
+        return feed_replay(in, data, len);
     if (in->state != ST_STREAMING || in->paused || in->ended) {
         in->refused = true;
         return 0;
@@ -699,6 +376,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         /* skip mode: an oversize record is reported and dropped like any bad record */
         skip_long_line(in);
     }
+    if (in->digest != NULL)
+        ji_request_digest_update(in->digest, data, consumed);
     in->bytes += consumed;
     atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
@@ -709,7 +388,7 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     if (consumed < len || in->paused)
         in->refused = true;
     if (!in->paused && consumed < len)
-        schedule_resume(in);
+        ji_ingest_resume_owner(in);
     return consumed;
 }
 
@@ -720,12 +399,19 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
     ji_error_t err;
     int r;
 
+    if (in->state == ST_REPLAY && !in->ended) {
+        in->record_mode = true;
+        ji_request_digest_record(in->digest, line, name, name_len, email, email_len, image, image_len);
+        return 0;
+    }
     if (in->state != ST_STREAMING || in->paused || in->ended) {
         in->refused = true;
         return -1;
     }
     in->lines_ended = true; /* no splitter in record mode */
     in->record_mode = true;
+    if (in->digest != NULL)
+        ji_request_digest_record(in->digest, line, name, name_len, email, email_len, image, image_len);
     if (ji_record_check_name(name, name_len, line, &err) != 0 || ji_record_check_email(email, email_len, line, &err) != 0 ||
         (image != NULL && image_len > 0 && on_image(in, line, image, image_len, &err) != 0)) {
         forget_line_image(in);
@@ -735,7 +421,7 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
     r = on_record(in, &rec, &err);
     if (r < 0) {
         if (in->state != ST_FAILED)
-            fail(in, &err);
+            ji_ingest_abort(in, &err);
         return -1;
     }
     if (r == 1)
@@ -749,13 +435,16 @@ int ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err)
 
     in->record_mode = true;
     in->lines_ended = true;
+    if (in->digest != NULL && (in->state == ST_REPLAY || in->state == ST_STREAMING))
+        ji_request_digest_broken(in->digest, err);
+    if (in->state == ST_REPLAY && !in->ended)
+        return 0;
     r = record_error(in, err, err->line);
     in->line_failed = false;
     return r;
 }
 
-/** Ends the lines, sends the last rows and ends the COPY; re-entered after each drain. */
-static void finish(ji_ingest_t *in)
+void ji_ingest_finish_rows(ji_ingest_t *in)
 {
     if (!in->lines_ended) {
         in->lines_ended = true;
@@ -768,10 +457,7 @@ static void finish(ji_ingest_t *in)
         if (flush_rows(in) != 0)
             return; /* failed, or backed up: the drain event comes back here */
     }
-    in->state = ST_COPY_END;
-    ji_pg_set_event_cb(in->pg, NULL, NULL);
-    if (ji_pg_copy_end(in->pg, NULL, on_copy_end, in) != 0)
-        fail_db(in, "ending COPY failed", ji_pg_error(in->pg));
+    ji_ingest_tx_end_copy(in);
 }
 
 void ji_ingest_end(ji_ingest_t *in)
@@ -780,14 +466,16 @@ void ji_ingest_end(ji_ingest_t *in)
         return;
     in->ended = true;
     if (in->state == ST_STREAMING && !in->paused)
-        finish(in);
+        ji_ingest_finish_rows(in);
+    else if (in->state == ST_REPLAY)
+        ji_ingest_tx_end_replay(in);
 }
 
 void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err)
 {
     if (in->state >= ST_COMMIT)
         return;
-    fail(in, err);
+    ji_ingest_abort(in, err);
 }
 
 void ji_ingest_free(ji_ingest_t *in)
@@ -799,13 +487,13 @@ void ji_ingest_free(ji_ingest_t *in)
         ji_image_batch_forget(in->images);
         in->images = NULL;
     }
-    release_db(in);
+    ji_ingest_tx_release(in); /* rolled back in the background (once COMMIT was sent: after its outcome) */
     if (in->images != NULL)
         ji_image_batch_abort(in->images);
     if (in->state != ST_DONE && in->state != ST_FAILED)
         atomic_fetch_add_explicit(&in->env->stats->ingests_failed, 1, memory_order_relaxed);
     atomic_fetch_sub_explicit(&in->env->stats->ingests_in_flight, 1, memory_order_relaxed);
-    free(in->idempotency_key);
+    ji_request_digest_free(in->digest);
     if (in->parser != NULL)
         ji_record_parser_free(in->parser);
     free(in->copy_buf);

@@ -2,8 +2,10 @@
  * pg.c — owns every PostgreSQL connection an event loop uses: connecting
  * without blocking (PQconnectStart + PQconnectPoll driven by the loop),
  * running one statement at a time, feeding COPY FROM STDIN with explicit
- * output backpressure, noticing a dead server, and the per-loop pool of idle
- * connections.
+ * output backpressure, noticing a dead server, the per-loop pool of idle
+ * connections, and giving back connections of failed requests: their COPY is
+ * ended with an error and their transaction rolled back in the background,
+ * so that a bad request does not cost a new server process.
  *
  * libpq's socket is watched through a dup registered with the h2o evloop with
  * H2O_SOCKET_FLAG_DONT_READ, so h2o only reports readiness and libpq does all
@@ -56,6 +58,8 @@ struct st_ji_pg_pool_t {
     h2o_timeout_t zero_timeout;    /**< "later, from the loop" */
     h2o_timeout_t connect_timeout; /**< connect_timeout_ms */
     uint64_t connect_timeout_ms;
+    h2o_linklist_t recycling;       /**< connections rolling back before they go idle (ji_pg_pool_put_rollback) */
+    h2o_timeout_t recycle_timeout;  /**< JI_PG_ROLLBACK_TIMEOUT_MS */
 };
 
 struct st_ji_pg_t {
@@ -71,6 +75,10 @@ struct st_ji_pg_t {
     bool ready_pending;  /**< the ready callback is due from defer_entry */
     bool retry_on_defer; /**< a reused connection found dead before its ready callback: connect anew once */
     bool freed;          /**< ji_pg_free ran inside a callback; leave() frees the struct */
+    bool recycling;      /**< given back to be rolled back: in pool->recycling (through idle_link), still busy */
+    bool rolled_back;    /**< recycling: ROLLBACK was sent */
+    bool then_sent;      /**< recycling: then_sql was sent (its failure is logged) */
+    char *then_sql;      /**< recycling: the statement still to run before the connection goes idle */
     unsigned in_cb;      /**< callbacks of ours on the stack */
     ji_pg_ready_cb ready_cb;
     ji_pg_result_cb result_cb;
@@ -81,13 +89,16 @@ struct st_ji_pg_t {
     PGresult *last_result;
     h2o_timeout_entry_t defer_entry;
     h2o_timeout_entry_t connect_entry;
+    h2o_timeout_entry_t recycle_entry;
     h2o_linklist_t idle_link;
+    char copy_abort[128]; /**< recycling: the CopyFail message for a COPY still in progress */
     char errbuf[512];
 };
 
 static void on_sock_read(h2o_socket_t *sock, const char *err);
 static void on_sock_write(h2o_socket_t *sock, const char *err);
 static void fail(ji_pg_t *pg, const char *msg);
+static int await_result(ji_pg_t *pg, ji_pg_state_t state, ji_pg_result_cb cb, void *ctx);
 
 /* ---- small helpers ---- */
 
@@ -323,6 +334,7 @@ static void connect_step(ji_pg_t *pg)
 }
 
 static void on_defer(h2o_timeout_entry_t *entry);
+static void on_recycle_timeout(h2o_timeout_entry_t *entry);
 
 /** Fails a connection whose caller must not hear of it synchronously: the ready callback comes from the loop. */
 static void fail_deferred(ji_pg_t *pg, const char *msg)
@@ -442,7 +454,7 @@ static void fail(ji_pg_t *pg, const char *msg)
         return;
     case JI_PG_READY:
     case JI_PG_COPY_IN:
-        if (pg->idle) {
+        if (pg->idle || pg->recycling) {
             ji_pg_free(pg); /* the pool drops it; nobody else knows it */
             return;
         }
@@ -652,7 +664,9 @@ ji_pg_pool_t *ji_pg_pool_new(h2o_loop_t *loop, const char *conninfo, size_t max_
     pool->loop = loop;
     pool->max_idle = max_idle;
     h2o_linklist_init_anchor(&pool->idle);
+    h2o_linklist_init_anchor(&pool->recycling);
     h2o_timeout_init(loop, &pool->zero_timeout, 0);
+    h2o_timeout_init(loop, &pool->recycle_timeout, JI_PG_ROLLBACK_TIMEOUT_MS);
     pool->connect_timeout_ms = connect_timeout_ms(pool->conninfo);
     h2o_timeout_init(loop, &pool->connect_timeout, pool->connect_timeout_ms);
     return pool;
@@ -670,8 +684,11 @@ void ji_pg_pool_free(ji_pg_pool_t *pool)
         return;
     while (!h2o_linklist_is_empty(&pool->idle))
         ji_pg_free(JI_CONTAINER_OF(pool->idle.next, ji_pg_t, idle_link));
+    while (!h2o_linklist_is_empty(&pool->recycling))
+        ji_pg_free(JI_CONTAINER_OF(pool->recycling.next, ji_pg_t, idle_link));
     assert(pool->busy_count == 0);
     h2o_timeout_dispose(pool->loop, &pool->zero_timeout);
+    h2o_timeout_dispose(pool->loop, &pool->recycle_timeout);
     h2o_timeout_dispose(pool->loop, &pool->connect_timeout);
     free(pool->conninfo);
     free(pool);
@@ -710,6 +727,7 @@ ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx)
     pg->pool = pool;
     pg->defer_entry.cb = on_defer;
     pg->connect_entry.cb = on_connect_timeout;
+    pg->recycle_entry.cb = on_recycle_timeout;
     pg->handed_out = true;
     pool->busy_count++;
     pg->ready_cb = cb;
@@ -722,7 +740,7 @@ void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg)
 {
     if (pg == NULL || pg->freed)
         return;
-    assert(pg->pool == pool && pg->handed_out);
+    assert(pg->pool == pool && pg->handed_out && !pg->recycling);
     pg->handed_out = false;
     pool->busy_count--;
 
@@ -753,6 +771,128 @@ size_t ji_pg_pool_busy(const ji_pg_pool_t *pool)
     return atomic_load_explicit(&pool->busy_count, memory_order_relaxed);
 }
 
+/* ---- giving back a connection that must roll back first ---- */
+
+static void recycle_step(ji_pg_t *pg);
+
+static void on_recycle_result(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    (void)ctx;
+    (void)res;
+    if (err != NULL && pg->then_sent && pg->state != JI_PG_FAILED)
+        fprintf(stderr, "database: background statement failed: %s\n", err);
+    pg->then_sent = false;
+    recycle_step(pg);
+}
+
+static void on_recycle_timeout(h2o_timeout_entry_t *entry)
+{
+    ji_pg_t *pg = JI_CONTAINER_OF(entry, ji_pg_t, recycle_entry);
+
+    ji_pg_free(pg); /* closing it rolls back on the server */
+}
+
+/**
+ * One step towards idle: end a COPY, wait for the statement in flight, ROLLBACK, run then_sql, give back.
+ * Called again with each result; frees the connection whenever it turns out broken.
+ */
+static void recycle_step(ji_pg_t *pg)
+{
+    ji_pg_pool_t *pool = pg->pool;
+    char *sql;
+    int r;
+
+    switch (pg->state) {
+    case JI_PG_QUERY:
+    case JI_PG_COPY_END:
+        /* its result comes first (and may be COPY IN, which the next step ends) */
+        pg->result_cb = on_recycle_result;
+        pg->op_ctx = NULL;
+        return;
+    case JI_PG_COPY_IN:
+        if ((r = PQputCopyEnd(pg->conn, pg->copy_abort)) != 1 ||
+            await_result(pg, JI_PG_COPY_END, on_recycle_result, NULL) != 0) {
+            ji_pg_free(pg);
+        }
+        return;
+    case JI_PG_READY:
+        break;
+    case JI_PG_CONNECTING:
+    case JI_PG_FAILED:
+        ji_pg_free(pg);
+        return;
+    }
+    if (pg->sock == NULL || PQstatus(pg->conn) != CONNECTION_OK) {
+        ji_pg_free(pg);
+        return;
+    }
+    if (PQtransactionStatus(pg->conn) != PQTRANS_IDLE) {
+        if (pg->rolled_back || ji_pg_query(pg, "ROLLBACK", 0, NULL, on_recycle_result, NULL) != 0)
+            ji_pg_free(pg); /* a ROLLBACK that did not end the transaction: give up on the connection */
+        else
+            pg->rolled_back = true;
+        return;
+    }
+    if (pg->then_sql != NULL) {
+        sql = pg->then_sql; /* libpq copies the text into its output buffer */
+        pg->then_sql = NULL;
+        r = ji_pg_query(pg, sql, 0, NULL, on_recycle_result, NULL);
+        free(sql);
+        if (r != 0)
+            ji_pg_free(pg);
+        else
+            pg->then_sent = true;
+        return;
+    }
+    h2o_linklist_unlink(&pg->idle_link);
+    h2o_timeout_unlink(&pg->recycle_entry);
+    pg->recycling = false;
+    pg->rolled_back = false;
+    ji_pg_pool_put(pool, pg);
+}
+
+/** Takes `pg` from its user: no callback of the user fires again; the pool finishes it in the background. */
+static void recycle(ji_pg_pool_t *pool, ji_pg_t *pg, const char *copy_abort_msg, const char *then_sql)
+{
+    if (pg == NULL || pg->freed)
+        return;
+    assert(pg->pool == pool && pg->handed_out && !pg->recycling);
+    pg->ready_cb = NULL;
+    pg->result_cb = NULL;
+    pg->op_ctx = NULL;
+    pg->event_cb = NULL;
+    pg->event_ctx = NULL;
+    pg->drain_pending = false;
+    if (pg->ready_pending) {
+        /* handed out from the idle list, its ready callback not delivered yet */
+        h2o_timeout_unlink(&pg->defer_entry);
+        pg->ready_pending = false;
+        pg->retry_on_defer = false;
+    }
+    if (pg->state == JI_PG_CONNECTING || pg->state == JI_PG_FAILED || pg->conn == NULL ||
+        PQstatus(pg->conn) != CONNECTION_OK || (then_sql != NULL && (pg->then_sql = strdup(then_sql)) == NULL)) {
+        ji_pg_free(pg);
+        return;
+    }
+    copy_message(pg->copy_abort, sizeof(pg->copy_abort), copy_abort_msg != NULL ? copy_abort_msg : "request aborted");
+    pg->recycling = true;
+    pg->rolled_back = false;
+    pg->then_sent = false;
+    h2o_linklist_insert(&pool->recycling, &pg->idle_link);
+    h2o_timeout_link(pool->loop, &pool->recycle_timeout, &pg->recycle_entry);
+    recycle_step(pg);
+}
+
+void ji_pg_pool_put_rollback(ji_pg_pool_t *pool, ji_pg_t *pg, const char *copy_abort_msg)
+{
+    recycle(pool, pg, copy_abort_msg, NULL);
+}
+
+void ji_pg_pool_put_after(ji_pg_pool_t *pool, ji_pg_t *pg, const char *sql)
+{
+    recycle(pool, pg, NULL, sql);
+}
+
 /* ---- one connection ---- */
 
 void ji_pg_free(ji_pg_t *pg)
@@ -761,8 +901,15 @@ void ji_pg_free(ji_pg_t *pg)
         return;
     h2o_timeout_unlink(&pg->defer_entry);
     h2o_timeout_unlink(&pg->connect_entry);
+    h2o_timeout_unlink(&pg->recycle_entry);
     if (pg->idle)
         unlink_idle(pg);
+    if (pg->recycling) {
+        h2o_linklist_unlink(&pg->idle_link);
+        pg->recycling = false;
+    }
+    free(pg->then_sql);
+    pg->then_sql = NULL;
     if (pg->handed_out) {
         pg->handed_out = false;
         pg->pool->busy_count--;

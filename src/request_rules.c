@@ -5,6 +5,8 @@
  */
 #include "request_rules.h"
 
+#include "idempotency.h"
+
 #include <openssl/crypto.h>
 #include <string.h>
 #include <strings.h>
@@ -277,27 +279,6 @@ int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, siz
     return 0;
 }
 
-int ji_idempotency_key_parse(const char *value, size_t len, char out[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1],
-                             ji_error_t *err)
-{
-    if (len >= 2 && value[0] == '"' && value[len - 1] == '"') {
-        value++;
-        len -= 2;
-    }
-    if (len == 0 || len > JI_MAX_IDEMPOTENCY_KEY_BYTES)
-        return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
-                            "Idempotency-Key must be 1 to " JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES) " bytes");
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)value[i];
-        if (c < 0x21 || c > 0x7e || c == '"' || c == '\\')
-            return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
-                                "Idempotency-Key may hold only visible ASCII characters (no quote or backslash)");
-    }
-    memcpy(out, value, len);
-    out[len] = '\0';
-    return 0;
-}
-
 int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, ji_error_t *err)
 {
     memset(o, 0, sizeof(*o));
@@ -309,9 +290,11 @@ int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, 
     if (o->format == JI_FORMAT_UNDECIDED && h->content_type != NULL &&
         ji_content_type_is_jsonl(h->content_type->value, h->content_type->value_len))
         o->format = JI_FORMAT_JSONL;
-    if (h->idempotency_key != NULL &&
-        ji_idempotency_key_parse(h->idempotency_key->value, h->idempotency_key->value_len, o->idempotency_key, err) != 0)
-        return -1;
+    if (h->idempotency_key != NULL) {
+        if (ji_idempotency_key_check(h->idempotency_key->value, h->idempotency_key->value_len, err) != 0)
+            return -1;
+        ji_idempotency_key_copy(o->idempotency_key, h->idempotency_key->value, h->idempotency_key->value_len);
+    }
     return 0;
 }
 

@@ -1,14 +1,17 @@
 /*
  * schema.c — owns the database schema: creates the `batches` and `users`
  * tables and the users(batch_id) index when missing (batches also keeps each
- * Idempotency-Key with the answer it got), upgrades a `users` table
- * made by someone else (a benchmark harness's (user_id, name, email, image))
- * with the columns the service needs, and answers whether a batch key
- * committed. Blocking libpq on purpose: it runs before any event loop starts
- * and from the `gc` command, never on a loop.
+ * Idempotency-Key with the answer it got and the digest of the request that
+ * got it), upgrades a `users` table made by someone else (a benchmark
+ * harness's (user_id, name, email, image)) and a `batches` table of an older
+ * version with the columns the service needs, answers whether a batch key
+ * committed, and clears expired Idempotency-Keys. Blocking libpq on purpose:
+ * it runs before any event loop starts and from the `gc` command, never on a
+ * loop (the service's own sweep only borrows the statement text).
  */
 #include "schema.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,12 +25,42 @@ static const char SQL_CREATE_BATCHES[] = "CREATE TABLE IF NOT EXISTS batches ("
                                          "batch_key text NOT NULL UNIQUE, "
                                          "idempotency_key text UNIQUE, "
                                          "response text, "
+                                         "request_digest bytea, "
                                          "created_at timestamptz NOT NULL DEFAULT now())";
 
-/* batches from before Idempotency-Key support (a small table: the lock of ALTER is harmless at start-up) */
+/* ALTER TABLE takes an ACCESS EXCLUSIVE lock even when nothing is missing, and every running upload holds a lock
+ * on batches: look at the catalog first, alter only a table of an older version. */
+static const char SQL_BATCHES_MISSING_KEY[] =
+    "SELECT count(*) FROM unnest(ARRAY['idempotency_key', 'response']) AS c WHERE NOT EXISTS "
+    "(SELECT 1 FROM pg_attribute a WHERE a.attrelid = 'batches'::regclass AND a.attname = c AND NOT a.attisdropped)";
+
+/* batches from before Idempotency-Key support */
 static const char SQL_BATCHES_IDEMPOTENCY[] = "ALTER TABLE batches "
                                               "ADD COLUMN IF NOT EXISTS idempotency_key text UNIQUE, "
                                               "ADD COLUMN IF NOT EXISTS response text";
+
+static const char SQL_BATCHES_HAS_DIGEST[] =
+    "SELECT count(*) FROM pg_attribute a WHERE a.attrelid = 'batches'::regclass AND a.attname = 'request_digest' "
+    "AND NOT a.attisdropped";
+
+/* batches from before request digests (a key kept without one is replayed whatever the body) */
+static const char SQL_BATCHES_DIGEST[] = "ALTER TABLE batches ADD COLUMN IF NOT EXISTS request_digest bytea";
+
+/* the sweep of expired keys reads keys by age: a small index over the rows that still hold a key */
+static const char SQL_HAS_KEY_AGE_INDEX[] =
+    "SELECT count(*) FROM pg_class WHERE oid = to_regclass('batches_key_age_idx')";
+
+static const char SQL_CREATE_KEY_AGE_INDEX[] =
+    "CREATE INDEX IF NOT EXISTS batches_key_age_idx ON batches (created_at) WHERE idempotency_key IS NOT NULL";
+
+/*
+ * Clears up to JI_IDEMPOTENCY_SWEEP_ROWS keys older than the TTL (%u: seconds), oldest first; their batches and
+ * rows stay. Rows locked by someone else (an upload reusing that key right now) are skipped, never waited for.
+ */
+#define SQL_EXPIRE_KEYS                                                                                                \
+    "UPDATE batches SET idempotency_key = NULL, response = NULL, request_digest = NULL WHERE batch_id IN "           \
+    "(SELECT batch_id FROM batches WHERE idempotency_key IS NOT NULL AND created_at < now() - make_interval(secs "    \
+    "=> %u) ORDER BY created_at LIMIT " JI_STR(JI_IDEMPOTENCY_SWEEP_ROWS) " FOR UPDATE SKIP LOCKED)"
 
 static const char SQL_CREATE_USERS[] = "CREATE TABLE IF NOT EXISTS users ("
                                        "user_id bigserial PRIMARY KEY, "
@@ -77,7 +110,9 @@ static int exec_expect(PGconn *conn, const char *sql, ExecStatusType want, const
             err->message[--n] = '\0';
         goto cleanup;
     }
-    if (count_out != NULL)
+    if (count_out != NULL && want == PGRES_COMMAND_OK)
+        *count_out = strtol(PQcmdTuples(res), NULL, 10); /* rows an UPDATE touched */
+    else if (count_out != NULL)
         *count_out = PQntuples(res) == 1 ? strtol(PQgetvalue(res, 0, 0), NULL, 10) : 0;
     ret = 0;
 
@@ -86,11 +121,24 @@ cleanup:
     return ret;
 }
 
+/** BEGIN, with every lock wait of the transaction bounded by JI_PG_LOCK_TIMEOUT_MS. */
+static int begin_bounded(PGconn *conn, ji_error_t *err)
+{
+    if (exec_expect(conn, "BEGIN", PGRES_COMMAND_OK, "BEGIN", err, NULL) != 0)
+        return -1;
+    if (exec_expect(conn, "SET LOCAL lock_timeout = " JI_STR(JI_PG_LOCK_TIMEOUT_MS), PGRES_COMMAND_OK,
+                    "setting lock_timeout", err, NULL) != 0) {
+        PQclear(PQexec(conn, "ROLLBACK"));
+        return -1;
+    }
+    return 0;
+}
+
 int ji_schema_ensure(PGconn *conn, ji_error_t *err)
 {
-    long missing = 0, indexes = 0;
+    long missing = 0, indexes = 0, has_digest = 0;
 
-    if (exec_expect(conn, "BEGIN", PGRES_COMMAND_OK, "BEGIN", err, NULL) != 0)
+    if (begin_bounded(conn, err) != 0)
         return -1;
     /* "relation already exists, skipping" is expected on every start but the first: keep it out of stderr. */
     if (exec_expect(conn, "SET LOCAL client_min_messages = warning", PGRES_COMMAND_OK, "SET", err, NULL) != 0)
@@ -100,8 +148,23 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
         goto rollback;
     if (exec_expect(conn, SQL_CREATE_BATCHES, PGRES_COMMAND_OK, "creating table batches", err, NULL) != 0)
         goto rollback;
-    if (exec_expect(conn, SQL_BATCHES_IDEMPOTENCY, PGRES_COMMAND_OK, "adding idempotency columns to batches", err,
-                    NULL) != 0)
+    if (exec_expect(conn, SQL_BATCHES_MISSING_KEY, PGRES_TUPLES_OK, "reading the columns of batches", err,
+                    &missing) != 0)
+        goto rollback;
+    if (missing > 0 && exec_expect(conn, SQL_BATCHES_IDEMPOTENCY, PGRES_COMMAND_OK,
+                                   "adding idempotency columns to batches", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_BATCHES_HAS_DIGEST, PGRES_TUPLES_OK, "reading the columns of batches", err,
+                    &has_digest) != 0)
+        goto rollback;
+    if (has_digest == 0 && exec_expect(conn, SQL_BATCHES_DIGEST, PGRES_COMMAND_OK, "adding request_digest to batches",
+                                    err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_HAS_KEY_AGE_INDEX, PGRES_TUPLES_OK, "reading the indexes of batches", err, &indexes) !=
+        0)
+        goto rollback;
+    if (indexes == 0 && exec_expect(conn, SQL_CREATE_KEY_AGE_INDEX, PGRES_COMMAND_OK,
+                                    "creating index batches_key_age_idx", err, NULL) != 0)
         goto rollback;
     if (exec_expect(conn, SQL_CREATE_USERS, PGRES_COMMAND_OK, "creating table users", err, NULL) != 0)
         goto rollback;
@@ -120,6 +183,40 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
 rollback:
     PQclear(PQexec(conn, "ROLLBACK"));
     return -1;
+}
+
+#define SQL_EXPIRE_KEYS_DO                                                                                             \
+    "DO $$BEGIN PERFORM set_config('lock_timeout', '" JI_STR(JI_PG_LOCK_TIMEOUT_MS) "', true); " SQL_EXPIRE_KEYS      \
+    "; END$$"
+_Static_assert(sizeof(SQL_EXPIRE_KEYS_DO) + 8 <= JI_SCHEMA_EXPIRE_STATEMENT_CAP, "the sweep statement must fit");
+
+void ji_schema_expire_keys_statement(char *buf, size_t cap, unsigned ttl_s)
+{
+    /* a DO block plans its UPDATE after set_config ran, so the UPDATE's own lock waits are bounded too */
+    snprintf(buf, cap, SQL_EXPIRE_KEYS_DO, ttl_s);
+}
+
+int ji_schema_expire_idempotency_keys(PGconn *conn, unsigned ttl_s, uint64_t *cleared, ji_error_t *err)
+{
+    char sql[sizeof(SQL_EXPIRE_KEYS) + 16];
+    long n;
+
+    if (cleared != NULL)
+        *cleared = 0;
+    snprintf(sql, sizeof(sql), SQL_EXPIRE_KEYS, ttl_s);
+    do {
+        if (begin_bounded(conn, err) != 0)
+            return -1;
+        if (exec_expect(conn, sql, PGRES_COMMAND_OK, "clearing expired Idempotency-Keys", err, &n) != 0) {
+            PQclear(PQexec(conn, "ROLLBACK"));
+            return -1;
+        }
+        if (exec_expect(conn, "COMMIT", PGRES_COMMAND_OK, "COMMIT", err, NULL) != 0)
+            return -1;
+        if (cleared != NULL)
+            *cleared += (uint64_t)n;
+    } while (n >= JI_IDEMPOTENCY_SWEEP_ROWS);
+    return 0;
 }
 
 int ji_schema_batch_committed(PGconn *conn, const char *batch_key)

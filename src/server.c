@@ -236,6 +236,7 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
         .pg_pool = w->pg_pool,
         .images = &server->images,
         .max_record_bytes = server->config->max_record_bytes,
+        .idempotency_ttl_s = server->config->idempotency_ttl_s,
         .stats = &w->ingest_stats,
     };
     w->listener = h2o_evloop_socket_create(w->ctx.loop, listen_fd, H2O_SOCKET_FLAG_DONT_READ);
@@ -334,6 +335,8 @@ static int prepare_storage(ji_server_t *server, bool quiet)
     }
     if (removed != 0)
         fprintf(stderr, "removed %llu image files left by interrupted requests\n", (unsigned long long)removed);
+    if (ji_schema_expire_idempotency_keys(conn, cfg->idempotency_ttl_s, NULL, &err) != 0)
+        fprintf(stderr, "cannot clear expired Idempotency-Keys: %s\n", err.message);
     ret = 0;
 Exit:
     PQfinish(conn);

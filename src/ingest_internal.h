@@ -1,0 +1,133 @@
+/*
+ * ingest_internal.h — what the two files of the ingest share, and nothing
+ * else includes: the request object, its states, and the calls between
+ * ingest.c (the request: its owner, its body, records and rows, failure) and
+ * ingest_tx.c (its transaction: every database step, the Idempotency-Key's
+ * replay, the answer built before COMMIT).
+ */
+#ifndef JI_INGEST_INTERNAL_H
+#define JI_INGEST_INTERNAL_H
+
+#include <time.h>
+
+#include "ingest.h"
+#include "image_store.h"
+#include "json_text.h"
+#include "record_parser.h"
+#include "splitter.h"
+
+/** Message kept per reported error in skip mode. */
+#define JI_REPORTED_ERROR_CHARS sizeof(((ji_error_t *)0)->message)
+
+/* ji_ingest_fail and ji_ingest_free rely on the order: everything before ST_COMMIT may still fail */
+typedef enum {
+    ST_CONNECTING,
+    ST_BEGIN,
+    ST_CLAIM, /**< lock_timeout set; with a key: its lock tried, the key looked up (ji_idempotency_claim) */
+    ST_BATCH,
+    ST_COPY_START,
+    ST_STREAMING,
+    ST_REPLAY, /**< the key committed with an earlier request: the body is only hashed */
+    ST_COPY_END,
+    ST_SUMMARY,
+    ST_KEEP_ANSWER, /**< the answer and digest stored with the key */
+    ST_COMMIT,
+    ST_DONE,
+    ST_FAILED,
+} ingest_state_t;
+
+typedef struct {
+    uint64_t line;
+    char field[32];
+    char message[JI_REPORTED_ERROR_CHARS];
+} reported_error_t;
+
+struct st_ji_ingest_t {
+    ji_ingest_env_t *env;
+    ji_ingest_params_t params;
+    const ji_ingest_callbacks_t *cb;
+    void *owner;
+    ingest_state_t state;
+    ingest_state_t state_before_failure;
+    bool ended;       /**< the owner fed every body byte */
+    bool lines_ended; /**< the splitter saw the end of input */
+    bool paused;      /**< COPY output backed up: waiting for the drain event */
+    bool refused;     /**< the owner was given less than it offered: it waits for resume */
+    bool record_mode; /**< records come from ji_ingest_put_record, not from body bytes */
+    bool replayed;    /**< answered from an earlier request with the same Idempotency-Key */
+    bool keyed;       /**< an Idempotency-Key came with the request */
+    bool key_locked;  /**< this transaction holds the key's advisory lock */
+    bool unlock_rolled_back; /**< failing with the key's lock: ROLLBACK was sent */
+    char key[JI_IDEMPOTENCY_KEY_CAP];
+    ji_key_claim_t claim;
+    ji_request_digest_t *digest;                      /**< of the content, with a key only */
+    char replay_digest[JI_REQUEST_DIGEST_HEX_LEN + 1]; /**< REPLAY: the first request's ("": not kept) */
+    char batch_key[40];                               /**< for the log */
+    struct timespec started;
+
+    ji_pg_t *pg;
+    ji_image_batch_t *images;
+    ji_splitter_t splitter;
+    ji_record_parser_t *parser;
+
+    /* the line being parsed */
+    bool line_failed;
+    bool line_has_image;
+    ji_image_info_t line_image;
+
+    char *copy_buf;
+    size_t copy_len;
+    int64_t batch_id;
+    char batch_id_text[24];
+    char first_id[24], last_id[24];
+
+    uint64_t inserted, skipped, images_stored, bytes;
+    reported_error_t *reported;
+    size_t nreported;
+
+    ji_error_t err;
+    int status;
+    unsigned retry_after;
+    ji_text_t answer;
+
+    h2o_timeout_entry_t defer; /**< delivers callbacks from the loop */
+    bool pending_resume, pending_done;
+};
+
+
+/* ---- ingest.c ---- */
+
+/**
+ * Fails the request (no-op once it is done or failed): its files are removed, its transaction dropped (see
+ * ji_ingest_tx_abort) and `err` answered.
+ */
+void ji_ingest_abort(ji_ingest_t *in, const ji_error_t *err);
+/** Delivers the answer in in->status / in->answer to the owner from the loop. */
+void ji_ingest_answer(ji_ingest_t *in);
+/** The owner may feed again (when it is waiting for that). */
+void ji_ingest_resume_owner(ji_ingest_t *in);
+/** Ends the lines, sends the last rows, then ends the COPY; re-entered after each drain of the connection. */
+void ji_ingest_finish_rows(ji_ingest_t *in);
+
+/* ---- ingest_tx.c ---- */
+
+/** Gets a connection and opens the transaction (everything after comes from the loop). 0, or -1 (no memory). */
+int ji_ingest_tx_start(ji_ingest_t *in) JI_MUST_CHECK;
+/** All rows were sent: ends the COPY and goes on to COMMIT. */
+void ji_ingest_tx_end_copy(ji_ingest_t *in);
+/** A replay's body was all read: the kept answer, or 422 for other content. */
+void ji_ingest_tx_end_replay(ji_ingest_t *in);
+/**
+ * A database failure: PostgreSQL's (or libpq's) text `why` goes to stderr with the batch key and line; the answer
+ * names only `what`, a fixed text. `res` (may be NULL) tells a lock timeout from other errors.
+ */
+void ji_ingest_tx_fail(ji_ingest_t *in, const char *what, const PGresult *res, const char *why);
+/**
+ * The failed request's connection: true when the answer must wait (ji_ingest_answer comes once the key's lock is
+ * released), false when the connection went to be rolled back in the background.
+ */
+bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
+/** Gives the connection back to be rolled back in the background (the answer does not wait). */
+void ji_ingest_tx_release(ji_ingest_t *in);
+
+#endif
