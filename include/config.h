@@ -23,6 +23,8 @@ typedef struct st_ji_config_t {
     unsigned max_ingests;     /**< POST /users requests running at once in the process (--max-ingests) */
     unsigned idle_timeout_ms; /**< a head or body that receives nothing for this long is cut (--idle-timeout) */
     uint64_t max_inflated_bytes; /**< most bytes one gzip body may inflate to (--max-inflated-bytes) */
+    size_t max_array_memory;     /**< most bytes one JSON-array request may hold (--max-array-memory) */
+    size_t array_memory_budget;  /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

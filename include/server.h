@@ -9,6 +9,7 @@
 
 #include <h2o.h>
 #include <stdatomic.h>
+#include "array_budget.h"
 #include "common.h"
 #include "config.h"
 #include "image_store.h"
@@ -27,6 +28,7 @@ typedef struct st_ji_server_t {
     _Atomic bool db_ready;  /**< schema created and leftovers collected: ingests may start */
     _Atomic bool stopping;  /**< SIGTERM: no new connections, finish what runs */
     _Atomic unsigned ingests_running; /**< POST /users requests in flight, all workers (cap: --max-ingests) */
+    ji_array_budget_t array_budget;   /**< memory of JSON-array requests, all workers (--array-memory-budget) */
     char *token;          /**< --token-file's token, or NULL */
     size_t token_len;
 } ji_server_t;

@@ -29,9 +29,12 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
             "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
             "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
+            "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n"
+            "  --array-memory-budget N   most bytes all JSON-array requests may hold together (default %u)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
+            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_ARRAY_MEMORY,
+            JI_DEFAULT_ARRAY_MEMORY_BUDGET);
 }
 
 static int parse_size(const char *flag, const char *s, size_t *out)
@@ -82,6 +85,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_INGESTS,
         OPT_IDLE_TIMEOUT,
         OPT_MAX_INFLATED,
+        OPT_MAX_ARRAY_MEMORY,
+        OPT_ARRAY_MEMORY_BUDGET,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -96,6 +101,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-ingests", required_argument, NULL, OPT_MAX_INGESTS},
         {"idle-timeout", required_argument, NULL, OPT_IDLE_TIMEOUT},
         {"max-inflated-bytes", required_argument, NULL, OPT_MAX_INFLATED},
+        {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
+        {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -116,6 +123,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_ingests = JI_DEFAULT_MAX_INGESTS;
     cfg->idle_timeout_ms = JI_DEFAULT_IDLE_TIMEOUT_S * 1000;
     cfg->max_inflated_bytes = JI_DEFAULT_MAX_INFLATED_BYTES;
+    cfg->max_array_memory = JI_DEFAULT_MAX_ARRAY_MEMORY;
+    cfg->array_memory_budget = JI_DEFAULT_ARRAY_MEMORY_BUDGET;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -162,6 +171,14 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
                 return -1;
             break;
+        case OPT_MAX_ARRAY_MEMORY:
+            if (parse_size("--max-array-memory", optarg, &cfg->max_array_memory) != 0)
+                return -1;
+            break;
+        case OPT_ARRAY_MEMORY_BUDGET:
+            if (parse_size("--array-memory-budget", optarg, &cfg->array_memory_budget) != 0)
+                return -1;
+            break;
         case OPT_FSYNC:
             if (strcmp(optarg, "on") == 0) {
                 cfg->fsync = true;
@@ -198,6 +215,11 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         default:
             return -1;
         }
+    }
+    if (cfg->array_memory_budget < cfg->max_array_memory) {
+        fprintf(stderr, "--array-memory-budget (%zu) is smaller than --max-array-memory (%zu): no array request "
+                "could run\n", cfg->array_memory_budget, cfg->max_array_memory);
+        return -1;
     }
     if (optind < argc) {
         fprintf(stderr, "unexpected argument '%s' (see --help)\n", argv[optind]);

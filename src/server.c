@@ -203,7 +203,7 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
     }
     if (options.format == JI_FORMAT_ARRAY) {
         params.body_bytes = req->entity.len;
-        return ji_array_mode_handle(w, req, &params);
+        return ji_array_mode_handle(w, req, &params, NULL); /* admits the request itself */
     }
 
     /* JSON Lines on a connection h2o owns: the body is already buffered, feed it to the same ingest */
@@ -536,6 +536,7 @@ int ji_server_run(const ji_config_t *config)
         return 1;
     }
     configure_h2o(&server);
+    ji_array_budget_init(&server.array_budget, config->array_memory_budget);
 
     /* every thread blocks the stop signals; one thread waits for them */
     sigemptyset(&stop_signals);
