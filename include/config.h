@@ -30,6 +30,8 @@ typedef struct st_ji_config_t {
     unsigned min_body_rate_window_s; /**< the window of --min-body-rate (--min-body-rate-window) */
     unsigned shutdown_grace_s;     /**< after SIGTERM, seconds uploads may take before they get 503 (--shutdown-grace) */
     unsigned idempotency_ttl_s;  /**< seconds a committed Idempotency-Key answers retries (--idempotency-ttl) */
+    size_t max_array_memory;     /**< most bytes one JSON-array request may hold (--max-array-memory) */
+    size_t array_memory_budget;  /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

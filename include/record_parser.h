@@ -5,11 +5,13 @@
  * PostgreSQL: the image string is handed to its handler as soon as yajl
  * yields it, and each complete, valid record at the end of its line.
  *
- * Rules (SPEC.md, "Record"): a line is one JSON object (blank lines are
+ * Rules (docs/api.md, "Record"): a line is one JSON object (blank lines are
  * skipped); `name` (aliases `user`, `username`) and `email` are strings of 1
  * to 255 characters, `email` has exactly one '@' with text on both sides;
  * `image` is optional (a string, null or ""); other members are ignored.
- * Malformed JSON or invalid UTF-8 anywhere on the line is JI_ERR_MALFORMED;
+ * A record nests at most JI_MAX_JSON_DEPTH containers (its own object
+ * counting 1). Malformed JSON, invalid UTF-8 anywhere on the line or deeper
+ * nesting is JI_ERR_MALFORMED;
  * a broken rule, `\u0000` or an unpaired surrogate escape in any string is
  * JI_ERR_INVALID with the field named.
  */

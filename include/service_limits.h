@@ -19,6 +19,13 @@
 #define JI_DEFAULT_MAX_RECORD_BYTES (8u * 1024 * 1024)
 /** Errors listed in a skip-mode answer: the answer stays small however many lines fail. */
 #define JI_MAX_REPORTED_ERRORS 100
+/**
+ * Deepest nesting of one record, a JSON Lines line or one element of an array body, the record's own object
+ * counting 1: a deeper record is refused (400) before anything is built from it. A record needs 1 level (2 with
+ * an object in an ignored member); 64 leaves room for any sane extra member. Without it a 600 KB body of
+ * 300,000 '[' crashed the process: yajl_tree_free recurses once per level and overflows the stack.
+ */
+#define JI_MAX_JSON_DEPTH 64
 
 /* ---- bodies ---- */
 /** Default for --max-array-bytes: the largest body of the JSON-array mode, which holds it whole. */
@@ -28,6 +35,28 @@
  * crawler sends in one request, far below what a small compressed body could claim (gzip reaches ~1000:1).
  */
 #define JI_DEFAULT_MAX_INFLATED_BYTES (16ull * 1024 * 1024 * 1024)
+/**
+ * Default for --max-array-memory: the most one JSON-array request may hold (its body, the inflated text and
+ * yajl's tree, as estimated by the pre-scan: array_scan.h). Bytes alone do not bound the tree: 8 MB of
+ * `[0,0,...]` build a 360 MB tree, and gzip turns 8 KB on the wire into those 8 MB. 64 MiB holds a ~20 MB array
+ * of real profiles (images make the bytes, not the values).
+ */
+#define JI_DEFAULT_MAX_ARRAY_MEMORY (64u * 1024 * 1024)
+/**
+ * Default for --array-memory-budget: what all JSON-array requests of the process may hold together. Each one
+ * reserves --max-array-memory before its body is read (and keeps only its estimate once its body is scanned),
+ * so with the defaults two run at once; one more gets 503 with Retry-After.
+ */
+#define JI_DEFAULT_ARRAY_MEMORY_BUDGET (128u * 1024 * 1024)
+/**
+ * What yajl_tree (yajl 2.1, glibc malloc, 64-bit) allocates per value (member names count as values) besides
+ * the bytes of strings and numbers, which it copies. Measured with mallinfo2() over 10^6-element arrays:
+ * a number or a short string 88 bytes (a 48-byte node, a 32-byte chunk for its text, an 8-byte slot in the
+ * parent), `{}` or `[]` or `true` 56, `{"a":0}` 232 for 3 values (77 each), a profile object with name, email
+ * and image 424 for 7 values (61 each). 96 = the worst measured (88) plus room for realloc slack of the arrays
+ * that grow one slot at a time. tests/unit/test_array_scan.c checks the estimate against malloc's own figures.
+ */
+#define JI_ARRAY_TREE_BYTES_PER_VALUE 96
 /** yajl rescans a string that spans its input chunks: feed it at least this much at a time. */
 #define JI_FEED_MIN_BYTES (64u * 1024)
 /** A part-filled input buffer is fed after this long without more bytes (ms): small uploads are not delayed. */

@@ -1,18 +1,22 @@
 /*
- * array_mode.c — the JSON-array mode as an ordinary h2o handler: copies the
- * buffered body, checks it whole (strict UTF-8, the `\u` escapes yajl would
- * mangle), lets yajl_tree_parse build the tree, then walks the elements into
- * an ingest in record mode, pausing the walk when the database is backed up.
- * In this mode "line" in answers is the element's position in the array
- * (1-based).
+ * array_mode.c — the JSON-array mode as an ordinary h2o handler: admits the
+ * request (an upload place and its share of the array memory budget),
+ * inflates a gzip body, pre-scans the text (nesting, values: what the tree
+ * will cost) and refuses what is too deep or too big, copies the buffered
+ * body, checks it whole (strict UTF-8, the `\u` escapes yajl would mangle),
+ * lets yajl_tree_parse build the tree, then walks the elements into an ingest
+ * in record mode, pausing the walk when the database is backed up. In this
+ * mode "line" in answers is the element's position in the array (1-based).
  */
 #include "array_mode.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <yajl/yajl_tree.h>
 
+#include "array_scan.h"
 #include "escape_scan.h"
 #include "gunzip.h"
 #include "handler_reply.h"
@@ -25,7 +29,19 @@ typedef struct st_array_req_t {
     char *text;  /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
     yajl_val root;
     size_t next; /**< index of the next element to store */
+    ji_worker_t *worker;
+    ji_array_admission_t admission; /**< its share of the array budget, given back once the tree is freed */
 } array_req_t;
+
+/** Frees the tree and the text: the memory the budget counts. */
+static void give_back(array_req_t *a)
+{
+    if (a->root != NULL)
+        yajl_tree_free(a->root);
+    a->root = NULL;
+    free(a->text);
+    a->text = NULL;
+}
 
 static void array_dispose(void *p)
 {
@@ -33,9 +49,8 @@ static void array_dispose(void *p)
 
     if (a->ingest != NULL)
         ji_ingest_free(a->ingest); /* the client went away: abort */
-    if (a->root != NULL)
-        yajl_tree_free(a->root);
-    free(a->text);
+    give_back(a);
+    ji_array_mode_release(&a->admission);
 }
 
 /**
@@ -200,22 +215,33 @@ static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, 
 
     a->ingest = NULL;
     ji_ingest_free(in);
-    yajl_tree_free(a->root); /* the tree is the big part: give it back before answering */
-    a->root = NULL;
-    free(a->text);
-    a->text = NULL;
+    give_back(a); /* the tree is the big part: give it back before answering */
+    ji_array_mode_release(&a->admission);
     ji_reply_json(a->req, status, copy.base, copy.len, retry_after);
 }
 
 static const ji_ingest_callbacks_t array_callbacks = {on_resume, on_done};
 
-/** Inflates a gzip entity whole (this mode buffers everything anyway) into a NUL-terminated text. */
-static int inflate_entity(h2o_req_t *req, size_t max, char **text, size_t *text_len, ji_error_t *err)
-{
-    ji_gunzip_t *g = ji_gunzip_new(max + 1);
-    size_t cap = 1 << 20, len = 0, off = 0, used, out;
-    char *buf = malloc(cap + 1), *bigger;
+/** First size of the buffer a gzip body is inflated into; it doubles up to the cap. */
+#define INFLATE_FIRST_BYTES (1u << 20)
 
+/**
+ * Inflates a gzip entity whole (this mode holds everything anyway) into a NUL-terminated text of at most `max`
+ * bytes; `flag` names the limit in the error. `*text_alloc` receives the size of the block that holds it.
+ */
+static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **text, size_t *text_len,
+                          size_t *text_alloc, ji_error_t *err)
+{
+    ji_gunzip_t *g;
+    size_t room, cap, len = 0, off = 0, used, out;
+    char *buf, *bigger;
+
+    if (max > SIZE_MAX / 4)
+        max = SIZE_MAX / 4; /* no size below can wrap around, whatever the flags say */
+    g = ji_gunzip_new(max);
+    room = max + 1; /* one byte more than the cap: the inflater sees going over it */
+    cap = room < INFLATE_FIRST_BYTES ? room : INFLATE_FIRST_BYTES;
+    buf = malloc(cap + 1);
     if (g == NULL || buf == NULL)
         goto NoMemory;
     while (!ji_gunzip_finished(g)) {
@@ -223,26 +249,20 @@ static int inflate_entity(h2o_req_t *req, size_t max, char **text, size_t *text_
             ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
             goto Error;
         }
-        if (len == cap) {
-            if (cap > max)
-                break; /* the cap of the inflater reports it */
-            if ((bigger = realloc(buf, cap * 2 + 1)) == NULL)
+        if (len == cap) { /* never at `room`: the inflater fails first */
+            size_t next = cap > room / 2 ? room : cap * 2;
+            if ((bigger = realloc(buf, next + 1)) == NULL)
                 goto NoMemory;
             buf = bigger;
-            cap *= 2;
+            cap = next;
         }
         if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) != 0) {
             if (err->kind == JI_ERR_TOO_LARGE)
-                ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
-                             "inflated body is larger than --max-array-bytes (%zu bytes)", max);
+                ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "inflated body is larger than %s (%zu bytes)", flag, max);
             goto Error;
         }
         off += used;
         len += out;
-    }
-    if (len > max) {
-        ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "inflated body is larger than --max-array-bytes (%zu bytes)", max);
-        goto Error;
     }
     if (off != req->entity.len) {
         ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
@@ -252,6 +272,7 @@ static int inflate_entity(h2o_req_t *req, size_t max, char **text, size_t *text_
     buf[len] = '\0';
     *text = buf;
     *text_len = len;
+    *text_alloc = cap + 1;
     return 0;
 NoMemory:
     ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
@@ -262,84 +283,164 @@ Error:
     return -1;
 }
 
-int ji_array_request_admit(ji_array_request_t *ar, ji_worker_t *w, ji_error_t *err)
+/* ---- admission and the budget ---- */
+
+int ji_array_mode_admit(ji_worker_t *w, ji_array_admission_t *adm, ji_error_t *err)
 {
-    (void)err;
-    ar->worker = w;
+    ji_server_t *server = w->server;
+    uint64_t cap = server->config->max_array_memory;
+
+    memset(adm, 0, sizeof(*adm));
+    if (!ji_array_budget_reserve(&server->array_budget, cap)) {
+        return ji_error_set(err, JI_ERR_BUSY, 0, NULL,
+                            "JSON-array requests in progress hold the --array-memory-budget (%zu bytes): retry later",
+                            server->config->array_memory_budget);
+    }
+    adm->worker = w;
+    adm->reserved = cap;
     return 0;
 }
 
-void ji_array_request_release(ji_array_request_t *ar)
+void ji_array_mode_release(ji_array_admission_t *adm)
 {
-    ar->reserved = 0;
+    if (adm->worker == NULL)
+        return;
+    if (adm->reserved != 0)
+        ji_array_budget_release(&adm->worker->server->array_budget, adm->reserved);
+    memset(adm, 0, sizeof(*adm));
 }
 
-int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params)
+/** Keeps only `need` bytes of the request's reservation (it never grows). */
+static void keep_reserved(array_req_t *a, uint64_t need)
 {
+    if (need < a->admission.reserved) {
+        ji_array_budget_release(&a->worker->server->array_budget, a->admission.reserved - need);
+        a->admission.reserved = need;
+    }
+}
+
+/** Answers with `err` after giving back everything the request holds. */
+static int fail(array_req_t *a, const ji_error_t *err)
+{
+    give_back(a);
+    ji_array_mode_release(&a->admission);
+    ji_reply_error(a->req, err);
+    return 0;
+}
+
+/**
+ * The pre-scan of the text to be parsed: a record nested deeper than JI_MAX_JSON_DEPTH, a comment, or a tree that
+ * would take the request over --max-array-memory (`held`: what it holds already) fail it. On success the request
+ * keeps just what it needs of its reservation. 0, or -1 with `err` filled.
+ */
+static int prescan(array_req_t *a, const char *text, size_t len, uint64_t held, ji_error_t *err)
+{
+    uint64_t max = a->worker->server->config->max_array_memory, need;
+    ji_array_scan_t scan;
+
+    if (held > max) {
+        atomic_fetch_add_explicit(&a->worker->server->array_budget.over_request_cap, 1, memory_order_relaxed);
+        return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
+                            "a JSON-array body of %zu bytes needs %llu bytes, more than --max-array-memory (%llu bytes)",
+                            len, (unsigned long long)held, (unsigned long long)max);
+    }
+    /* the outer array is one level more than its elements, the records */
+    ji_array_scan_init(&scan, JI_MAX_JSON_DEPTH + 1, (max - held) / JI_ARRAY_TREE_BYTES_PER_VALUE + 1);
+    if (ji_array_scan_feed(&scan, text, len) != 0) {
+        if (scan.stop == JI_ARRAY_SCAN_TOO_DEEP)
+            return ji_error_set(err, JI_ERR_MALFORMED, scan.stop_element, NULL,
+                                "record nested deeper than JI_MAX_JSON_DEPTH (" JI_STR(JI_MAX_JSON_DEPTH) ")");
+        if (scan.stop == JI_ARRAY_SCAN_COMMENT)
+            return ji_error_set(err, JI_ERR_MALFORMED, scan.stop_element, NULL,
+                                "malformed JSON: '/' outside a string (comments are not JSON)");
+    }
+    need = held + ji_array_scan_tree_bytes(&scan);
+    if (scan.stop == JI_ARRAY_SCAN_TOO_MANY || need > max) {
+        atomic_fetch_add_explicit(&a->worker->server->array_budget.over_request_cap, 1, memory_order_relaxed);
+        return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
+                            "a JSON-array body of %zu bytes with %s%llu values would need %s%llu bytes with its tree, "
+                            "more than --max-array-memory (%llu bytes)",
+                            len, scan.stop != JI_ARRAY_SCAN_OK ? "over " : "", (unsigned long long)scan.values,
+                            scan.stop != JI_ARRAY_SCAN_OK ? "over " : "", (unsigned long long)need,
+                            (unsigned long long)max);
+    }
+    keep_reserved(a, need);
+    return 0;
+}
+
+int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_t *params, ji_array_admission_t *adm)
+{
+    const ji_config_t *cfg = w->server->config;
     array_req_t *a = h2o_mem_alloc_shared(&req->pool, sizeof(*a), array_dispose);
+    ssize_t ce = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_ENCODING, -1);
     char yajl_error[256];
     ji_error_t err;
-    size_t len = req->entity.len;
-
-    ssize_t ce = h2o_find_header(&req->headers, H2O_TOKEN_CONTENT_ENCODING, -1);
+    size_t len = req->entity.len, alloc;
+    uint64_t held = req->entity.len; /* the body as received: the connection holds it until the request is disposed */
 
     memset(a, 0, sizeof(*a));
     a->req = req;
+    a->worker = w;
+    /* its memory before anything is built (the upload place is the caller's) */
+    if (adm != NULL) {
+        a->admission = *adm;
+        memset(adm, 0, sizeof(*adm));
+    } else if (ji_array_mode_admit(w, &a->admission, &err) != 0) {
+        ji_reply_error(req, &err);
+        return 0;
+    }
     if (ce != -1 && !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len,
                                  H2O_STRLIT("identity"))) {
         h2o_iovec_t v = req->headers.entries[ce].value;
+        bool by_bytes = cfg->max_array_bytes <= cfg->max_array_memory;
         if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
             ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "unsupported Content-Encoding");
-            ji_reply_error(req, &err);
-            return 0;
+            return fail(a, &err);
         }
-        if (inflate_entity(req, w->server->config->max_array_bytes, &a->text, &len, &err) != 0) {
-            ji_reply_error(req, &err);
-            return 0;
-        }
+        if (inflate_entity(req, by_bytes ? cfg->max_array_bytes : cfg->max_array_memory,
+                           by_bytes ? "--max-array-bytes" : "--max-array-memory", &a->text, &len, &alloc, &err) != 0)
+            return fail(a, &err);
+        if (prescan(a, a->text, len, held + alloc, &err) != 0)
+            return fail(a, &err);
         goto Parse;
     }
-    if (len > w->server->config->max_array_bytes) {
+    if (len > cfg->max_array_bytes) {
         ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
-                     w->server->config->max_array_bytes);
-        ji_reply_error(req, &err);
-        return 0;
+                     cfg->max_array_bytes);
+        return fail(a, &err);
     }
+    /* scanned where it lies; copied (yajl_tree_parse wants a NUL-terminated text) only once it fits */
+    if (prescan(a, req->entity.base, len, held + len + 1, &err) != 0)
+        return fail(a, &err);
     if ((a->text = malloc(len + 1)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_reply_error(req, &err);
-        return 0;
+        return fail(a, &err);
     }
     memcpy(a->text, req->entity.base, len);
     a->text[len] = '\0';
 Parse:
-    if (check_text(a->text, len, &err) != 0) {
-        ji_reply_error(req, &err);
-        return 0;
-    }
+    if (check_text(a->text, len, &err) != 0)
+        return fail(a, &err);
     if (memchr(a->text, '\0', len) != NULL) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "NUL byte in the body");
-        ji_reply_error(req, &err);
-        return 0;
+        return fail(a, &err);
     }
     if ((a->root = yajl_tree_parse(a->text, yajl_error, sizeof(yajl_error))) == NULL) {
         char *nl = strchr(yajl_error, '\n');
         if (nl != NULL)
             *nl = '\0';
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "%s", yajl_error[0] ? yajl_error : "malformed JSON");
-        ji_reply_error(req, &err);
-        return 0;
+        return fail(a, &err);
     }
     if (!YAJL_IS_ARRAY(a->root)) {
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "expected a JSON array of records");
-        ji_reply_error(req, &err);
-        return 0;
+        return fail(a, &err);
     }
     free(a->text); /* the tree holds its own copies of the strings */
     a->text = NULL;
     if ((a->ingest = ji_ingest_new(&w->ingest_env, params, &array_callbacks, a)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_reply_error(req, &err);
+        return fail(a, &err);
     }
     return 0;
 }

@@ -47,11 +47,13 @@ void ji_config_usage(const char *argv0, void *out)
             "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
             "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n"
             "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n"
+            "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n"
+            "  --array-memory-budget N   most bytes all JSON-array requests may hold together (default %u)\n"
             "  --help                    this text\n",
             argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
             JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
             JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S,
-            JI_DEFAULT_IDEMPOTENCY_TTL_S);
+            JI_DEFAULT_IDEMPOTENCY_TTL_S, JI_DEFAULT_MAX_ARRAY_MEMORY, JI_DEFAULT_ARRAY_MEMORY_BUDGET);
 }
 
 /* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
@@ -165,6 +167,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MIN_BODY_RATE_WINDOW,
         OPT_SHUTDOWN_GRACE,
         OPT_IDEMPOTENCY_TTL,
+        OPT_MAX_ARRAY_MEMORY,
+        OPT_ARRAY_MEMORY_BUDGET,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -186,6 +190,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"min-body-rate-window", required_argument, NULL, OPT_MIN_BODY_RATE_WINDOW},
         {"shutdown-grace", required_argument, NULL, OPT_SHUTDOWN_GRACE},
         {"idempotency-ttl", required_argument, NULL, OPT_IDEMPOTENCY_TTL},
+        {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
+        {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -211,6 +217,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->min_body_rate_window_s = JI_DEFAULT_MIN_BODY_RATE_WINDOW_S;
     cfg->shutdown_grace_s = JI_DEFAULT_SHUTDOWN_GRACE_S;
     cfg->idempotency_ttl_s = JI_DEFAULT_IDEMPOTENCY_TTL_S;
+    cfg->max_array_memory = JI_DEFAULT_MAX_ARRAY_MEMORY;
+    cfg->array_memory_budget = JI_DEFAULT_ARRAY_MEMORY_BUDGET;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -251,6 +259,14 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             break;
         case OPT_MAX_ARRAY:
             if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
+                return -1;
+            break;
+        case OPT_MAX_ARRAY_MEMORY:
+            if (parse_size("--max-array-memory", optarg, &cfg->max_array_memory) != 0)
+                return -1;
+            break;
+        case OPT_ARRAY_MEMORY_BUDGET:
+            if (parse_size("--array-memory-budget", optarg, &cfg->array_memory_budget) != 0)
                 return -1;
             break;
         case OPT_FSYNC:
@@ -308,6 +324,11 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         default:
             return -1;
         }
+    }
+    if (cfg->array_memory_budget < cfg->max_array_memory) {
+        fprintf(stderr, "--array-memory-budget (%zu) is smaller than --max-array-memory (%zu): no array request "
+                "could run\n", cfg->array_memory_budget, cfg->max_array_memory);
+        return -1;
     }
     if (optind < argc) {
         fprintf(stderr, "unexpected argument '%s' (see --help)\n", argv[optind]);

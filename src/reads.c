@@ -1023,6 +1023,10 @@ static int on_metrics(h2o_handler_t *self, h2o_req_t *req)
     metric_head(&t, "limits_total", "counter", "Requests refused by a limit, by limit.");
     ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"max_record_bytes\"} %" PRIu64 "\n", lim_record);
     ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"max_ingests\"} %" PRIu64 "\n", lim_ingests);
+    ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"max_array_memory\"} %" PRIu64 "\n",
+                   LOAD(server->array_budget.over_request_cap));
+    ji_text_printf(&t, "jsonl_ingest_limits_total{limit=\"array_memory_budget\"} %" PRIu64 "\n",
+                   LOAD(server->array_budget.refused));
     metric_head(&t, "db_pool_connections", "gauge", "Database connections of the per-thread pools, by state.");
     ji_text_printf(&t, "jsonl_ingest_db_pool_connections{state=\"idle\"} %" PRIu64 "\n", pg_idle);
     ji_text_printf(&t, "jsonl_ingest_db_pool_connections{state=\"busy\"} %" PRIu64 "\n", pg_busy);

@@ -19,6 +19,9 @@
  * token just lexed (yajl 2.1 updates it as it lexes, verified by the unit
  * tests), so a bad escape before that offset belongs to this string.
  *
+ * Nesting is bounded by JI_MAX_JSON_DEPTH, checked as each container opens:
+ * a deeper record fails before yajl's parse stack grows further.
+ *
  * Memory: two fixed 1020-byte buffers for name and email, plus what yajl
  * keeps (its token and decode buffers, at most one line long).
  */
@@ -217,13 +220,21 @@ static int on_number(void *ctx, const char *s, size_t len)
     return value_starts(ctx, "a number", false);
 }
 
+/* A container opens: one level deeper, JI_MAX_JSON_DEPTH at most (the record's object is level 1). */
+static int deeper(ji_record_parser_t *p)
+{
+    if (p->depth >= JI_MAX_JSON_DEPTH)
+        return malformed(p, "record nested deeper than JI_MAX_JSON_DEPTH (" JI_STR(JI_MAX_JSON_DEPTH) ")");
+    p->depth++;
+    return 1;
+}
+
 static int on_start_map(void *ctx)
 {
     ji_record_parser_t *p = ctx;
     if (value_starts(p, NULL, false) == 0)
         return 0;
-    p->depth++;
-    return 1;
+    return deeper(p);
 }
 
 static int on_end_map(void *ctx)
@@ -241,8 +252,7 @@ static int on_start_array(void *ctx)
     ji_record_parser_t *p = ctx;
     if (value_starts(p, "an array", false) == 0)
         return 0;
-    p->depth++;
-    return 1;
+    return deeper(p);
 }
 
 static int on_end_array(void *ctx)

@@ -76,7 +76,7 @@ static int on_users(h2o_handler_t *self, h2o_req_t *req)
         ji_reply_errorf(req, JI_ERR_INTERNAL, "an upload reached h2o without the front door");
         return 0;
     }
-    return ji_array_mode_handle(w, req, &ar->params);
+    return ji_array_mode_handle(w, req, &ar->params, &ar->admission);
 }
 
 /* ------------------------------------------------------------------ authorization */
@@ -430,6 +430,7 @@ int ji_server_run(const ji_config_t *config)
         return 1;
     }
     configure_h2o(&server);
+    ji_array_budget_init(&server.array_budget, config->array_memory_budget);
 
     /* every thread blocks the stop signals; one thread waits for them */
     sigemptyset(&stop_signals);

@@ -82,7 +82,7 @@ void ji_upload_free(ji_upload_t *u)
         h2o_timeout_unlink(&u->rate_timer);
     if (u->ingest != NULL)
         ji_ingest_free(u->ingest); /* aborts an unfinished request */
-    ji_array_request_release(&u->array_request);
+    ji_array_mode_release(&u->array_request.admission);
     if (u->admitted)
         ji_server_release_ingest(w);
     if (u->client_slot)
@@ -411,11 +411,16 @@ static void array_body_complete(ji_upload_t *u)
 static void process_array(ji_upload_t *u, size_t avail)
 {
     size_t max = config_of(u)->max_array_bytes;
+    const char *flag = "--max-array-bytes";
     ji_error_t err;
 
     if (avail != 0) {
+        if (config_of(u)->max_array_memory < max) {
+            max = config_of(u)->max_array_memory; /* the body alone may not pass what the request may hold */
+            flag = "--max-array-memory";
+        }
         if (u->array_len + avail > max) {
-            ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)", max);
+            ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than %s (%zu bytes)", flag, max);
             fail(u, &err);
             return;
         }
@@ -464,7 +469,7 @@ static int start_array(ji_upload_t *u, ji_error_t *err)
     if (u->body.chunked == false && u->body.remaining > config_of(u)->max_array_bytes)
         return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
                             config_of(u)->max_array_bytes);
-    if (ji_array_request_admit(&u->array_request, u->conn->worker, err) != 0)
+    if (ji_array_mode_admit(u->conn->worker, &u->array_request.admission, err) != 0)
         return -1;
     u->state = UPLOAD_ARRAY;
     return 0;

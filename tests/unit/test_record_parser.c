@@ -8,6 +8,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 
+#include "array_scan.h"
 #include "splitter.h"
 #include "unit.h"
 
@@ -677,6 +678,94 @@ static void test_check_functions(void)
         CHECK_EQ_INT(ji_record_check_email(good_emails[i], strlen(good_emails[i]), 9, &err), 0);
 }
 
+/* ---- nesting: JI_MAX_JSON_DEPTH levels pass, one more is 400 with the line ---- */
+
+#define DEPTH_MESSAGE "record nested deeper than JI_MAX_JSON_DEPTH (" JI_STR(JI_MAX_JSON_DEPTH) ")"
+
+/* A record whose member "x" holds `levels` containers (`open` then `close`, each 1 byte): levels + 1 in all. */
+static char *nested_record(size_t levels, char open, char close, size_t *len)
+{
+    const char *head = "{\"name\":\"n\",\"email\":\"e@x\",\"x\":";
+    size_t hl = strlen(head), n = 0;
+    char *s = malloc(hl + levels * 6 + 8);
+
+    memcpy(s, head, hl);
+    n = hl;
+    for (size_t i = 0; i < levels; i++) {
+        if (open == '{') {
+            memcpy(s + n, "{\"k\":", 5);
+            n += 5;
+        } else {
+            s[n++] = open;
+        }
+    }
+    if (open == '{')
+        s[n++] = '1';
+    for (size_t i = 0; i < levels; i++)
+        s[n++] = close;
+    memcpy(s + n, "}\n", 3);
+    n += 2;
+    *len = n;
+    return s;
+}
+
+static void test_depth(void)
+{
+    static const char brackets[][2] = {{'[', ']'}, {'{', '}'}};
+    size_t len;
+    char *s;
+
+    for (size_t b = 0; b < 2; b++) {
+        /* the record's own object is level 1: JI_MAX_JSON_DEPTH - 1 more levels are fine */
+        s = nested_record(JI_MAX_JSON_DEPTH - 1, brackets[b][0], brackets[b][1], &len);
+        CHECK_EQ_INT(check_both(s, len, "R1:n/e@x/0|", "64 levels"), 0);
+        free(s);
+        s = nested_record(JI_MAX_JSON_DEPTH, brackets[b][0], brackets[b][1], &len);
+        CHECK_EQ_INT(check_both(s, len, "E1:400::" DEPTH_MESSAGE "|", "65 levels"), 0);
+        free(s);
+    }
+    /* a top-level value deeper than the limit is refused as not an object first */
+    CHECK_EQ_INT(check_both("[[[[]]]]\n", 9, "E1:400::expected a JSON object, found an array|", "array line"), 0);
+
+    /* the body that crashed the array mode, as a member of a record on line 2 of 3: refused, the rest goes on */
+    {
+        const char *first = "{\"name\":\"a\",\"email\":\"a@b\"}\n", *last = "{\"name\":\"c\",\"email\":\"c@d\"}\n";
+        size_t levels = 300000, fl = strlen(first), ll = strlen(last), n;
+        char *deep = nested_record(levels, '[', ']', &n);
+        char *body = malloc(fl + n + ll);
+        memcpy(body, first, fl);
+        memcpy(body + fl, deep, n);
+        memcpy(body + fl + n, last, ll);
+        char *got = run(body, fl + n + ll, true, fl + n + ll, 0);
+        CHECK_EQ_STR(got, "R1:a/a@b/0|E2:400::" DEPTH_MESSAGE "|R3:c/c@d/0|");
+        free(got);
+        got = run(body, fl + n + ll, false, fl + 10, 0);
+        CHECK_EQ_STR(got, "R1:a/a@b/0|E2:400::" DEPTH_MESSAGE "|S2|");
+        free(got);
+        free(body);
+        free(deep);
+    }
+}
+
+/* The record parser and the array pre-scan draw the line at the same depth. */
+static void test_depth_agrees_with_prescan(void)
+{
+    for (size_t levels = JI_MAX_JSON_DEPTH - 3; levels <= JI_MAX_JSON_DEPTH + 3; levels++) {
+        size_t len;
+        char *s = nested_record(levels, levels % 2 ? '[' : '{', levels % 2 ? ']' : '}', &len);
+        ji_array_scan_t scan;
+        ji_array_scan_init(&scan, JI_MAX_JSON_DEPTH, UINT64_MAX);
+        int scanned = ji_array_scan_feed(&scan, s, len);
+        char *got = run(s, len, true, len, 0);
+        bool parser_refused = strstr(got, DEPTH_MESSAGE) != NULL;
+        CHECK_EQ_INT(scanned != 0, parser_refused);
+        CHECK_EQ_INT(scan.stop == JI_ARRAY_SCAN_TOO_DEEP, levels + 1 > JI_MAX_JSON_DEPTH);
+        free(got);
+        free(s);
+    }
+}
+
 UNIT_MAIN("record_parser", {"cases", test_cases}, {"lengths", test_lengths}, {"skip_mode", test_skip_mode},
           {"handler_results", test_handler_results}, {"api", test_api}, {"many_records", test_many_records},
-          {"big_image", test_big_image}, {"check_functions", test_check_functions})
+          {"big_image", test_big_image}, {"check_functions", test_check_functions}, {"depth", test_depth},
+          {"depth_agrees_with_prescan", test_depth_agrees_with_prescan})
