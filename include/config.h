@@ -28,6 +28,7 @@ typedef struct st_ji_config_t {
     unsigned max_client_ingests;   /**< uploads one client may run at once (--max-client-ingests; 0: no cap) */
     unsigned min_body_rate;        /**< bytes/s a body must keep up over the window (--min-body-rate; 0: off) */
     unsigned min_body_rate_window_s; /**< the window of --min-body-rate (--min-body-rate-window) */
+    const char *trusted_proxies;   /**< --trusted-proxies: CIDR list whose X-Forwarded-For is believed; NULL: none */
     unsigned shutdown_grace_s;     /**< after SIGTERM, seconds uploads may take before they get 503 (--shutdown-grace) */
     unsigned idempotency_ttl_s;  /**< seconds a committed Idempotency-Key answers retries (--idempotency-ttl) */
     size_t max_array_memory;     /**< most bytes one JSON-array request may hold (--max-array-memory) */

@@ -9,6 +9,7 @@
 
 #include <h2o.h>
 #include <stdatomic.h>
+#include "client_addr.h"
 #include "client_slots.h"
 #include "array_budget.h"
 #include "common.h"
@@ -33,6 +34,7 @@ typedef struct st_ji_server_t {
     char *token;                 /**< --token-file's token, or NULL */
     ji_request_policy_t policy;  /**< token, allowed origins and hosts: what every request head is checked against */
     ji_client_slots_t client_slots; /**< uploads running per client (--max-client-ingests) */
+    ji_trusted_proxies_t trusted_proxies; /**< --trusted-proxies */
     ji_array_budget_t array_budget;   /**< memory of JSON-array requests, all workers (--array-memory-budget) */
 } ji_server_t;
 

@@ -45,6 +45,7 @@ void ji_config_usage(const char *argv0, void *out)
             "  --max-client-ingests N    uploads one client address may run at once; 0 no cap (default %u)\n"
             "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 off (default %u)\n"
             "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
+            "  --trusted-proxies LIST    CIDR blocks of proxies whose X-Forwarded-For names the client (default none)\n"
             "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n"
             "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n"
             "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n"
@@ -166,6 +167,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MIN_BODY_RATE,
         OPT_MIN_BODY_RATE_WINDOW,
         OPT_SHUTDOWN_GRACE,
+        OPT_TRUSTED_PROXIES,
         OPT_IDEMPOTENCY_TTL,
         OPT_MAX_ARRAY_MEMORY,
         OPT_ARRAY_MEMORY_BUDGET,
@@ -189,6 +191,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"min-body-rate", required_argument, NULL, OPT_MIN_BODY_RATE},
         {"min-body-rate-window", required_argument, NULL, OPT_MIN_BODY_RATE_WINDOW},
         {"shutdown-grace", required_argument, NULL, OPT_SHUTDOWN_GRACE},
+        {"trusted-proxies", required_argument, NULL, OPT_TRUSTED_PROXIES},
         {"idempotency-ttl", required_argument, NULL, OPT_IDEMPOTENCY_TTL},
         {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
         {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
@@ -297,6 +300,9 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         }
         case OPT_ALLOWED_ORIGINS:
             cfg->allowed_origins = optarg;
+            break;
+        case OPT_TRUSTED_PROXIES:
+            cfg->trusted_proxies = optarg;
             break;
         case OPT_ALLOWED_HOSTS:
             cfg->allowed_hosts = optarg;

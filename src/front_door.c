@@ -8,7 +8,6 @@
  */
 #include "front_door.h"
 
-#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -313,6 +312,10 @@ static void process_head(ji_conn_t *c)
         return;
     }
     c->keep_alive = head.keep_alive;
+    /* behind a trusted proxy the client may differ from request to request */
+    ji_client_address((struct sockaddr *)&c->peer, &server->trusted_proxies,
+                      head.forwarded_for != NULL ? head.forwarded_for->value : NULL,
+                      head.forwarded_for != NULL ? head.forwarded_for->value_len : 0, c->client);
     if (ji_route_match(head.method, head.method_len, head.path, head.path_len, &route, &err) != 0) {
         refuse(c, &head, &err, err.kind == JI_ERR_METHOD ? route.allow : NULL);
         return;
@@ -358,20 +361,6 @@ static void on_read_head(h2o_socket_t *sock, const char *err)
 
 /* ------------------------------------------------------------------ accept and stop */
 
-static void peer_address(h2o_socket_t *sock, char *out, size_t cap)
-{
-    struct sockaddr_storage ss;
-    socklen_t len = h2o_socket_getpeername(sock, (struct sockaddr *)&ss);
-
-    snprintf(out, cap, "unknown");
-    if (len == 0)
-        return;
-    if (ss.ss_family == AF_INET)
-        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, out, (socklen_t)cap);
-    else if (ss.ss_family == AF_INET6)
-        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, out, (socklen_t)cap);
-}
-
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
 {
     ji_conn_t *c = calloc(1, sizeof(*c));
@@ -385,7 +374,9 @@ void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
     c->worker = w;
     c->sock = sock;
     gettimeofday(&c->connected_at, NULL);
-    peer_address(sock, c->client, sizeof(c->client));
+    if (h2o_socket_getpeername(sock, (struct sockaddr *)&c->peer) == 0)
+        c->peer.ss_family = AF_UNSPEC;
+    ji_client_address((struct sockaddr *)&c->peer, &w->server->trusted_proxies, NULL, 0, c->client);
     c->idle_timer.cb = on_idle_timeout;
     sock->data = c;
     h2o_linklist_insert(&w->conns, &c->link);

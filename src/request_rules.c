@@ -63,9 +63,9 @@ static bool too_many_headers(const char *buf, size_t len)
     size_t lines = 0;
 
     for (const char *p = buf, *end = buf + len; p < end && (p = memchr(p, '\n', end - p)) != NULL; p++) {
+        lines++;
         if (p + 1 < end && (p[1] == '\n' || (p[1] == '\r' && p + 2 < end && p[2] == '\n')))
             break; /* the blank line: the head ended */
-        lines++;
     }
     return lines > JI_MAX_HEADERS + 1; /* the request line is one of them */
 }

@@ -413,6 +413,12 @@ int ji_server_run(const ji_config_t *config)
     signal(SIGPIPE, SIG_IGN);
     if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
         return 1;
+    if (config->trusted_proxies != NULL && ji_trusted_proxies_parse(&server.trusted_proxies, config->trusted_proxies,
+                                                                    &err) != 0) {
+        fprintf(stderr, "%s\n", err.message);
+        free(server.token);
+        return 1;
+    }
     server.policy.allowed_origins = config->allowed_origins;
     server.policy.allowed_hosts = config->allowed_hosts != NULL ? config->allowed_hosts
                                   : listen_is_loopback(config)   ? JI_LOOPBACK_HOST_NAMES

@@ -101,6 +101,8 @@ static void answer(ji_upload_t *u, int status, const char *body, size_t len, uns
 
     u->state = UPLOAD_ANSWERED;
     c->body_unread = !ji_body_decoder_done(&u->body);
+    if (status != 200)
+        c->keep_alive = false; /* a failed upload ends its connection, whatever was read of it */
     ji_conn_respond(c, status, body, len, retry_after, NULL);
 }
 
@@ -108,6 +110,7 @@ static void answer_error(ji_upload_t *u, const ji_error_t *err)
 {
     u->state = UPLOAD_ANSWERED;
     u->conn->body_unread = !ji_body_decoder_done(&u->body);
+    u->conn->keep_alive = false;
     ji_conn_respond_error(u->conn, err);
 }
 

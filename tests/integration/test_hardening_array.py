@@ -42,7 +42,7 @@ def crash_body():
 
 
 def metric(srv, name):
-    st, _, body = helpers.raw_request(srv.host, srv.port, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    st, _, body = helpers.raw_request(srv.host, srv.port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert st == 200
     for line in body.decode().splitlines():
         if line.startswith(name + " "):

@@ -370,3 +370,25 @@ def test_second_instance_on_a_taken_address_exits_1(server, db, tmp_path):
     assert p.returncode == 1
     assert b"address already in use" in p.stderr.lower() or b"in use" in p.stderr.lower(), p.stderr
     assert server.healthy()
+
+
+def test_per_client_cap_behind_a_trusted_proxy(start_server, db):
+    srv = start_server(args=["--trusted-proxies", "127.0.0.0/8", "--max-client-ingests", "1", "--min-body-rate", "0"])
+    body = record(1)
+    held = helpers.HTTPConn(srv.host, srv.port)
+    try:
+        held.send(helpers.post_head("/users", length=len(body), extra=["X-Forwarded-For: 198.51.100.1"]) + body[:5])
+        time.sleep(0.3)
+        # another client behind the same proxy is not held back
+        st, _, resp = helpers.raw_request(srv.host, srv.port, helpers.post_head(
+            "/users", length=len(body), extra=["X-Forwarded-For: 198.51.100.2", "Connection: close"]) + body)
+        assert st == 200, resp
+        # the same client is, whichever proxy hop it came through
+        r = head_only(srv, helpers.post_head("/users", length=len(body),
+                                             extra=["X-Forwarded-For: 198.51.100.1, 127.0.0.5"]))
+        assert r.status == 503
+        held.send(body[5:])
+        assert held.read_response().status == 200
+    finally:
+        held.close()
+    assert db.count_users() == 2
