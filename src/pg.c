@@ -3,7 +3,8 @@
  * without blocking (PQconnectStart + PQconnectPoll driven by the loop),
  * running one statement at a time, feeding COPY FROM STDIN with explicit
  * output backpressure, noticing a dead server, and the per-loop pool of idle
- * connections.
+ * connections. (The one-statement call on a pooled connection, ji_pg_call_t,
+ * is built on this API in pg_call.c.)
  *
  * libpq's socket is watched through a dup registered with the h2o evloop with
  * H2O_SOCKET_FLAG_DONT_READ, so h2o only reports readiness and libpq does all
@@ -12,7 +13,7 @@
  * socket's inode, not by its fd number (libpq may reuse the number for the
  * next address it tries).
  *
- * Callback discipline (STYLE.md item 7): a callback may free its connection.
+ * Callback discipline: a callback may free its connection (or whatever owns it).
  * Every callback is invoked as the last thing a function does, between
  * enter()/leave(), and ji_pg_free called inside one releases everything but
  * the struct, which leave() frees once the callback has returned.
