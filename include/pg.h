@@ -9,6 +9,10 @@
  * with ji_pg_copy_end). Output backpressure is explicit: ji_pg_copy_put
  * answers 1 when libpq could not hand everything to the kernel, and the
  * drain callback fires once it has.
+ *
+ * Most callers want neither a connection nor COPY, only one statement's
+ * result: ji_pg_call_t (at the end; pg_call.c) gets a pooled connection, runs
+ * the statement, gives the connection back and delivers the result.
  */
 #ifndef JI_PG_H
 #define JI_PG_H
@@ -91,5 +95,48 @@ const char *ji_pg_error(const ji_pg_t *pg);
 
 /** The libpq connection, for reading results' helpers only (never for blocking calls). */
 PGconn *ji_pg_conn(ji_pg_t *pg);
+
+/* ---- one statement through the pool ---- */
+
+typedef struct st_ji_pg_call_t ji_pg_call_t;
+
+/**
+ * The statement's result, `res` valid during the call only; or `err` (the server's message or the connection's
+ * error: words for a log, not for a client) with `res` possibly NULL. The connection is back in the pool already
+ * (kept when healthy), so the callback may start the call again, or free the memory it is embedded in.
+ */
+typedef void (*ji_pg_call_cb)(ji_pg_call_t *call, PGresult *res, const char *err);
+
+/**
+ * One statement on a pooled connection, from getting the connection to delivering the result. Embed it in the
+ * state of whatever waits for the result (the callback finds that state with JI_CONTAINER_OF), zeroed before the
+ * first start. The fields are the layer's: read none of them.
+ *
+ * Whoever owns the state cancels the call when the state goes away before the result (a request's dispose
+ * callback, say): ji_pg_call_cancel is harmless when nothing runs.
+ */
+struct st_ji_pg_call_t {
+    ji_pg_pool_t *pool;
+    ji_pg_t *pg; /**< set while a connection is being obtained or the statement runs */
+    const char *sql;
+    int nparams;
+    const char *const *values;
+    ji_pg_call_cb cb;
+};
+
+/**
+ * Runs `sql` with `nparams` text parameters `values` on a connection of `pool`. `sql`, `values` and the strings
+ * they point to are the caller's and must stay valid until the callback or ji_pg_call_cancel. `cb` always fires
+ * later from the loop, never inside this call. The call must not be running already. 0, or -1 when out of
+ * memory (then no callback follows).
+ */
+int ji_pg_call_start(ji_pg_call_t *call, ji_pg_pool_t *pool, const char *sql, int nparams, const char *const *values,
+                     ji_pg_call_cb cb) JI_MUST_CHECK;
+
+/**
+ * Cancels a running call: its connection is closed (the server abandons the statement; nothing half-read goes back
+ * to the pool) and no callback follows. Does nothing when the call is not running.
+ */
+void ji_pg_call_cancel(ji_pg_call_t *call);
 
 #endif

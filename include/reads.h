@@ -1,8 +1,9 @@
 /*
- * reads.h — the read side, as ordinary h2o handlers: GET /users/{id},
- * GET /users/{id}/image, the streamed export GET /users (JSON Lines) and
- * GET /users.csv, GET /readyz and GET /metrics. Database work goes through
- * the worker's non-blocking pool; nothing here blocks on the network.
+ * reads.h — the read side of the users, as ordinary h2o handlers:
+ * GET /users/{id}, GET /users/{id}/image, and the streamed export
+ * GET /users (JSON Lines) and GET /users.csv. Database work goes through the
+ * worker's non-blocking pool (ji_pg_call_t); nothing here blocks on the
+ * network. Health is health.h's, metrics metrics.h's.
  *
  * Memory: a single-row read holds one row; an image is streamed from its file
  * in JI_IMAGE_CHUNK_BYTES pieces; an export holds at most two pages of
@@ -13,16 +14,17 @@
 #ifndef JI_READS_H
 #define JI_READS_H
 
-#include "server.h"
+#include <h2o.h>
 
+typedef struct st_ji_worker_t ji_worker_t;
 
 /**
  * Every request under /users that is not a POST: GET or HEAD of /users (export), /users/{id} and
- * /users/{id}/image; other methods get 405, other paths 404 (JSON bodies). Returns 0 (always handled).
+ * /users/{id}/image; other methods get 405 with Allow, other paths 404 (JSON bodies). Returns 0 (always handled).
  */
 int ji_reads_handle_users(ji_worker_t *w, h2o_req_t *req);
 
-/** Registers /readyz, /metrics and /users.csv on `host`. */
+/** Registers /users.csv on `host`. */
 void ji_reads_register(h2o_hostconf_t *host);
 
 #endif

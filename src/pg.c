@@ -5,7 +5,8 @@
  * output backpressure, noticing a dead server, the per-loop pool of idle
  * connections, and giving back connections of failed requests: their COPY is
  * ended with an error and their transaction rolled back in the background,
- * so that a bad request does not cost a new server process.
+ * so that a bad request does not cost a new server process. (The one-statement
+ * call on a pooled connection, ji_pg_call_t, is built on this API in pg_call.c.)
  *
  * libpq's socket is watched through a dup registered with the h2o evloop with
  * H2O_SOCKET_FLAG_DONT_READ, so h2o only reports readiness and libpq does all
@@ -14,7 +15,7 @@
  * socket's inode, not by its fd number (libpq may reuse the number for the
  * next address it tries).
  *
- * Callback discipline (STYLE.md item 7): a callback may free its connection.
+ * Callback discipline: a callback may free its connection (or whatever owns it).
  * Every callback is invoked as the last thing a function does, between
  * enter()/leave(), and ji_pg_free called inside one releases everything but
  * the struct, which leave() frees once the callback has returned.

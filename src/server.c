@@ -25,6 +25,8 @@
 #include "h2o_bridge.h"
 #include "gunzip.h"
 #include "reads.h"
+#include "health.h"
+#include "metrics.h"
 #include "ingest.h"
 #include "handler_reply.h"
 #include "json_text.h"
@@ -41,16 +43,6 @@ static h2o_pathconf_t *register_handler(h2o_hostconf_t *host, const char *path, 
     h2o_handler_t *handler = h2o_create_handler(pathconf, sizeof(*handler));
     handler->on_req = on_req;
     return pathconf;
-}
-
-static int on_healthz(h2o_handler_t *self, h2o_req_t *req)
-{
-    (void)self;
-    if (!h2o_memis(req->method.base, req->method.len, H2O_STRLIT("GET")) &&
-        !h2o_memis(req->method.base, req->method.len, H2O_STRLIT("HEAD")))
-        return -1;
-    ji_reply_json(req, 200, H2O_STRLIT("{\"status\":\"ok\"}\n"), 0);
-    return 0;
 }
 
 static int on_not_found(h2o_handler_t *self, h2o_req_t *req)
@@ -368,7 +360,8 @@ static void configure_h2o(ji_server_t *server)
     conf->http1.req_timeout = JI_H2O_REQUEST_TIMEOUT_MS;
     conf->max_request_entity_size = server->config->max_array_bytes;
     host = h2o_config_register_host(conf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
-    register_handler(host, "/healthz", on_healthz);
+    ji_health_register(host);
+    ji_metrics_register(host);
     ji_reads_register(host);
     register_handler(host, "/users", on_users);
     register_handler(host, "/", on_not_found);

@@ -1,6 +1,6 @@
-"""The read side (SPEC.md "Reads and operations"): GET /users/{id}, the image,
-the streamed JSON Lines and CSV exports, /readyz and /metrics, against the real
-binary and a real PostgreSQL."""
+"""The read side (docs/api.md): GET /users/{id}, the image, the streamed JSON
+Lines and CSV exports (with the CSV's formula neutralisation), /healthz,
+/readyz and /metrics, against the real binary and a real PostgreSQL."""
 import csv
 import io
 import json
@@ -125,6 +125,16 @@ def test_get_user_errors(server, db, tmp_path):
     r = get(server, f"/users/{ids[0]}", tmp_path, extra=["-X", "DELETE"])
     assert_json_error(r, 405)
     assert "GET" in r.headers.get("allow", ""), r.headers
+    # an error answer to a GET keeps the connection open (its Content-Length frames it)
+    c = helpers.HTTPConn(server.host, server.port)
+    try:
+        for path in (f"/users/{ids[-1] + 1}", "/users/abc", "/users/1/other", f"/users/{ids[0]}"):
+            c.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            r = c.read_response()
+            assert r.status in (200, 400, 404) and "close" not in r.headers.get("connection", ""), (path, r)
+        assert r.status == 200 and r.json()["user_id"] == ids[0], r
+    finally:
+        c.close()
     # HEAD: the status and headers of GET, no body
     r = head(server, f"/users/{ids[0]}")
     assert r.status == 200 and r.headers.get("content-type", "").startswith("application/json"), r
@@ -263,6 +273,69 @@ def test_export_csv_quoting(server, db, tmp_path):
     assert_json_error(get(server, "/users.csv/1", tmp_path), 404)
 
 
+# cells a spreadsheet would evaluate: the export prefixes them with ' unless ?formulas=raw
+FORMULA_NAMES = ['=HYPERLINK("http://x")', "+1", "-1", "@SUM(A1)", "\tx", "\rx"]
+
+
+def csv_records(srv, tmp_path, query=""):
+    r = get(srv, "/users.csv" + query, tmp_path)
+    assert r.status == 200, r
+    recs = list(csv.reader(io.StringIO(r.body.decode("utf-8"), newline=""), strict=True))
+    assert recs[0] == CSV_HEADER, recs[:1]
+    return r.body.decode("utf-8"), recs[1:]
+
+
+def test_export_csv_neutralises_formulas(server, db, tmp_path):
+    names = FORMULA_NAMES + ["plain name", "O'Brien", "a=b+c", " =1"]
+    lines = [helpers.record_line(n, f"f{i}@example.com") for i, n in enumerate(names)]
+    lines.append(helpers.record_line("dash mail", "-x@example.com"))
+    assert_success(post_lines(server, tmp_path, lines), inserted=len(lines))
+    stored = [u["name"] for u in db.users()]
+    assert stored == names + ["dash mail"], stored  # the database keeps the bytes as sent
+
+    text, recs = csv_records(server, tmp_path)
+    assert [rec[1] for rec in recs] == ["'" + n for n in FORMULA_NAMES] + names[len(FORMULA_NAMES):] + ["dash mail"]
+    assert recs[-1][2] == "'-x@example.com"  # every text cell, not only names
+    assert [rec[2] for rec in recs[:-1]] == [f"f{i}@example.com" for i in range(len(names))]
+    # the quote mark goes inside the quotes of a quoted cell
+    assert '"\'=HYPERLINK(""http://x"")"' in text and ",'+1," in text and ",'\tx," in text and '"\'\rx"' in text
+
+    text, recs = csv_records(server, tmp_path, "?formulas=raw")
+    assert [rec[1] for rec in recs] == names + ["dash mail"]
+    assert recs[-1][2] == "-x@example.com"
+    assert '"=HYPERLINK(""http://x"")"' in text and ",+1," in text and ",-1," in text and ",@SUM(A1)," in text
+    # with the window parameters, in any order
+    _, recs = csv_records(server, tmp_path, "?limit=2&formulas=raw")
+    assert [rec[1] for rec in recs] == names[:2]
+    _, recs = csv_records(server, tmp_path, "?formulas=raw&after_id=" + recs[0][0] + "&limit=1")
+    assert [rec[1] for rec in recs] == names[1:2]
+    # any other value is refused; JSON Lines is not a spreadsheet format: its rows are as stored
+    for bad in ("formulas=", "formulas=RAW", "formulas=escape", "formulas=raw2", "limit=1&formulas=x"):
+        r = get(server, "/users.csv?" + bad, tmp_path)
+        assert "formulas" in assert_json_error(r, 400)["error"], (bad, r)
+    assert [r["name"] for r in export_lines(get(server, "/users", tmp_path))] == names + ["dash mail"]
+
+
+# ------------------------------------------------------------------ database errors
+def test_database_errors_are_logged_not_answered(server, db, tmp_path):
+    """A statement that fails answers 503 "database error" with Retry-After; PostgreSQL's own message goes to the
+    server's log, never to the client."""
+    ids = ingest_plain(server, tmp_path, 1)
+    db.sql("ALTER TABLE users RENAME TO users_hidden")
+    try:
+        for path in (f"/users/{ids[0]}", f"/users/{ids[0]}/image", "/users", "/users.csv?formulas=raw"):
+            r = get(server, path, tmp_path)
+            j = assert_json_error(r, 503)
+            assert j == {"error": "database error"}, (path, j)
+            assert r.headers.get("retry-after", "").isdigit(), (path, r.headers)
+            assert b"relation" not in r.body and b"users_hidden" not in r.body, r.body
+    finally:
+        db.sql("ALTER TABLE users_hidden RENAME TO users")
+    with open(server.log_path, "rb") as f:
+        assert b'relation "users" does not exist' in f.read(), "the database's message was not logged"
+    assert get(server, f"/users/{ids[0]}", tmp_path).status == 200
+
+
 # ------------------------------------------------------------------ memory and clients that go away
 @pytest.mark.memory
 @pytest.mark.timeout(180)
@@ -321,11 +394,31 @@ def test_export_client_gone_frees_everything(server, db, tmp_path):
     assert server.alive() and server.healthy()
 
 
-# ------------------------------------------------------------------ /readyz
+# ------------------------------------------------------------------ /healthz, /readyz
 def test_readyz_ready(server, tmp_path):
     r = get(server, "/readyz", tmp_path)
     assert r.status == 200, r
     assert r.json() == {"status": "ready"}
+
+
+def test_operational_routes_are_exact_and_get_only(server, tmp_path):
+    """/healthz, /readyz, /metrics: GET and HEAD on the exact path; another method is 405 with Allow, a path below
+    them is 404, both as JSON errors."""
+    r = get(server, "/healthz", tmp_path)
+    assert r.status == 200 and r.json() == {"status": "ok"}, r
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert head(server, path).status == 200
+        for method in ("DELETE", "PUT"):
+            r = get(server, path, tmp_path, extra=["-X", method])
+            assert "not allowed" in assert_json_error(r, 405)["error"], (path, method, r)
+            assert r.headers.get("allow") == "GET, HEAD", (path, r.headers)
+        assert_json_error(get(server, path + "/x", tmp_path), 404)
+    r = get(server, "/users.csv", tmp_path, extra=["-X", "DELETE"])
+    assert_json_error(r, 405)
+    assert r.headers.get("allow") == "GET, HEAD", r.headers
+    r = get(server, "/users", tmp_path, extra=["-X", "PUT"])
+    assert_json_error(r, 405)
+    assert r.headers.get("allow") == "GET, HEAD, POST", r.headers
 
 
 def test_readyz_and_reads_when_the_database_is_down_at_start(start_server, db, tmp_path):
@@ -341,8 +434,13 @@ def test_readyz_and_reads_when_the_database_is_down_at_start(start_server, db, t
         r = get(down, path, tmp_path)
         assert_json_error(r, 503)
         assert r.headers.get("retry-after", "").isdigit(), (path, r.headers)
-    v, _ = metrics(down, tmp_path)
+    res = post_lines(down, tmp_path, [helpers.record_line("a", "a@x.com")])
+    assert_json_error(res, 503)
+    v, text = metrics(down, tmp_path)
     assert v["jsonl_ingest_db_ready"] == 0
+    assert v['jsonl_ingest_refused_total{reason="db_not_ready"}'] == 1, text
+    assert v['jsonl_ingest_refused_total{reason="max_ingests"}'] == 0, text
+    assert v["jsonl_ingest_requests_total"] == 0, text  # refused before an ingest started
 
 
 def cut(proxy):
@@ -375,7 +473,11 @@ def test_readyz_follows_the_database(start_server, db, tmp_path):
     r = helpers.wait_for(lambda: (lambda x: x if x.status == 503 else None)(get(srv, "/readyz", tmp_path)), timeout=15)
     assert r, "readyz did not turn 503 after the database went away"
     assert r.headers.get("retry-after", "").isdigit(), r.headers
-    assert_json_error(get(srv, f"/users/{ids[0]}", tmp_path), 503)
+    # libpq's words ("server closed the connection...", "could not connect...") stay in the log
+    assert r.json() in ({"status": "not ready", "error": "database unavailable"},
+                        {"status": "not ready",
+                         "error": "the database did not answer within 2 s (JI_READYZ_TIMEOUT_S)"}), r
+    assert assert_json_error(get(srv, f"/users/{ids[0]}", tmp_path), 503) == {"error": "database error"}
     assert srv.alive() and srv.healthy()
 
 
@@ -400,6 +502,8 @@ def test_metrics_count_ingests(server, db, tmp_path):
         assert v[f'jsonl_ingest_errors_total{{kind="{kind}"}}'] == 0, text
     assert v["jsonl_ingest_ingests_in_flight"] == 0, text
     assert 'jsonl_ingest_limits_total{limit="max_record_bytes"}' in v, text
+    assert v['jsonl_ingest_refused_total{reason="max_ingests"}'] == 0, text
+    assert v['jsonl_ingest_refused_total{reason="db_not_ready"}'] == 0, text
     assert get(server, "/users/1", tmp_path).status == 200  # a read puts its connection back: one idle at least
     v, text = metrics(server, tmp_path)
     assert v['jsonl_ingest_db_pool_connections{state="idle"}'] >= 1, text
