@@ -21,7 +21,7 @@
  * Every piece is copied into its own heap block and freed once fed, so a pointer kept into an old piece is a
  * use-after-free that ASan reports.
  *
- * Build and run: scripts/fuzz [SECONDS]; reproduce: scripts/fuzz CRASH-FILE...
+ * Build and run: scripts/fuzz records [SECONDS]; reproduce: scripts/fuzz records CRASH-FILE...
  */
 #include <stdio.h>
 #include <stdlib.h>

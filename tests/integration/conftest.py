@@ -5,8 +5,10 @@ Environment:
   JI_TEST_DB   conninfo of a scratch PostgreSQL database; each test module gets
                its own fresh database on that server (ji_it_<module>), and
                every table in it is truncated before each test
-  JI_FIGURES   file to append measured figures to (scripts/test prints it)
+  JI_FIGURES   file the measured figures go to (emptied when the session starts; scripts/test prints it)
   JI_SUITE_BUDGET  seconds; tests starting after that fail at once (default 720)
+  JI_DESELECT  markers whose tests are left out, comma-separated (meson.build: "memory" in a
+               sanitizer build, whatever -m says)
 
 Markers:
   @pytest.mark.memory           the big-upload memory test (select with -m memory,
@@ -38,6 +40,19 @@ def pytest_configure(config):
     signal.signal(signal.SIGHUP, _terminate)
     config.addinivalue_line("markers", "memory: big upload, peak RSS and throughput (slow)")
     config.addinivalue_line("markers", "timeout(seconds): per-test time limit (default 60 s)")
+    path = os.environ.get("JI_FIGURES")
+    if path:
+        open(path, "w").close()
+
+
+def pytest_collection_modifyitems(config, items):
+    markers = {m.strip() for m in os.environ.get("JI_DESELECT", "").split(",") if m.strip()}
+    if not markers:
+        return
+    keep = [i for i in items if not any(i.get_closest_marker(m) for m in markers)]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 # ------------------------------------------------------------------ time limits

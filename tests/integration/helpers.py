@@ -576,8 +576,8 @@ def gzip_bytes(data):
 
 
 class TcpProxy:
-    """A byte-pumping TCP forwarder 127.0.0.1:listen_port -> target (used to make
-    a 'closed' database port come alive)."""
+    """A byte-pumping TCP forwarder 127.0.0.1:listen_port -> target: a database port that can come alive (start
+    one) and go away (cut() it), as seen by the server under test."""
 
     def __init__(self, listen_port, target_host, target_port):
         self.lsock = socket.socket()
@@ -587,6 +587,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.stopped = False
         self.socks = []
+        self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -600,7 +601,11 @@ class TcpProxy:
             except OSError:
                 c.close()
                 continue
-            self.socks += [c, u]
+            with self.lock:
+                if self.stopped:  # cut() ran meanwhile: this one never gets through
+                    self._shut([c, u])
+                    return
+                self.socks += [c, u]
             threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
             threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
 
@@ -621,10 +626,26 @@ class TcpProxy:
                 except OSError:
                     pass
 
-    def close(self):
-        self.stopped = True
-        for s in [self.lsock] + self.socks:
+    @staticmethod
+    def _shut(socks):
+        # shutdown() before close(): on Linux a socket closed while another thread is blocked in accept() or recv()
+        # on it stays open until that call returns (one more connection would get through); shutdown() wakes
+        # those calls and sends FIN at once
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
                 pass
+
+    def cut(self):
+        """Stops for good, at once: no new connection, every forwarded one broken (the database is gone)."""
+        with self.lock:
+            self.stopped = True
+            socks, self.socks = [self.lsock] + self.socks, []
+        self._shut(socks)
+
+    close = cut

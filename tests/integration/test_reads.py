@@ -443,19 +443,6 @@ def test_readyz_and_reads_when_the_database_is_down_at_start(start_server, db, t
     assert v["jsonl_ingest_requests_total"] == 0, text  # refused before an ingest started
 
 
-def cut(proxy):
-    """Stops a helpers.TcpProxy for good. Its close() alone is not enough on Linux: a socket closed while another
-    thread is blocked in accept() or recv() on it stays open until that call returns (one more connection would
-    get through). shutdown() wakes those calls and sends FIN at once."""
-    proxy.stopped = True
-    for s in [proxy.lsock] + list(proxy.socks):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    proxy.close()
-
-
 @pytest.mark.timeout(90)
 def test_readyz_follows_the_database(start_server, db, tmp_path):
     """Ready through a proxy to the database; 503 once the proxy is gone (existing connections cut too)."""
@@ -469,7 +456,7 @@ def test_readyz_follows_the_database(start_server, db, tmp_path):
         ids = ingest_plain(srv, tmp_path, 3)
         assert get(srv, f"/users/{ids[0]}", tmp_path).status == 200
     finally:
-        cut(proxy)
+        proxy.cut()
     r = helpers.wait_for(lambda: (lambda x: x if x.status == 503 else None)(get(srv, "/readyz", tmp_path)), timeout=15)
     assert r, "readyz did not turn 503 after the database went away"
     assert r.headers.get("retry-after", "").isdigit(), r.headers

@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int unit_checks, unit_failures;
@@ -60,6 +61,17 @@ static inline void rng_fill(rng_t *r, unsigned char *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
         p[i] = (unsigned char)(rng_next(r) >> 32);
+}
+
+/**
+ * The conninfo of the scratch test database: $JI_TEST_DB (meson sets it from -Dtest_database_url; scripts/test
+ * always configures one). NULL when none is configured: the program then exits 77 (skipped). A test that gets a
+ * conninfo must fail, not skip, when that database does not answer.
+ */
+static inline const char *unit_test_db(void)
+{
+    const char *url = getenv("JI_TEST_DB");
+    return url != NULL && url[0] != '\0' ? url : NULL;
 }
 
 typedef struct {
