@@ -80,9 +80,9 @@ static uint64_t prng_next(uint64_t *s)
 
 static bool same_scan(const ji_array_scan_t *a, const ji_array_scan_t *b)
 {
-    return a->values == b->values && a->elements == b->elements && a->depth == b->depth &&
-           a->deepest == b->deepest && a->longest_escaped == b->longest_escaped && a->scanned == b->scanned &&
-           a->stop == b->stop && a->stop_offset == b->stop_offset && a->stop_element == b->stop_element;
+    return a->values == b->values && a->elements == b->elements && a->depth == b->depth && a->deepest == b->deepest &&
+           a->longest_escaped == b->longest_escaped && a->scanned == b->scanned && a->stop == b->stop &&
+           a->stop_offset == b->stop_offset && a->stop_element == b->stop_element;
 }
 
 static ji_array_scan_t scan_pieces(const uint8_t *data, size_t size, size_t max_depth, uint64_t max_values,

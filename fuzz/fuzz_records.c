@@ -432,8 +432,8 @@ static void run_body(run_t *r, const char *label, const uint8_t *body, size_t le
 
 static void dump(const run_t *r)
 {
-    fprintf(stderr, "run %s: %s mode, --max-record-bytes %zu, pauses %s\n", r->label,
-            r->skip_errors ? "skip" : "stop", r->max_record_bytes, r->pause_salt ? "yes" : "no");
+    fprintf(stderr, "run %s: %s mode, --max-record-bytes %zu, pauses %s\n", r->label, r->skip_errors ? "skip" : "stop",
+            r->max_record_bytes, r->pause_salt ? "yes" : "no");
     fprintf(stderr, "  %zu records on lines:", r->nrecords);
     for (size_t i = 0; i < r->nrecords && i < 40; i++)
         fprintf(stderr, " %llu", (unsigned long long)r->records[i].line);
@@ -452,7 +452,7 @@ static void dump(const run_t *r)
 #define FZ_SAME(cond, a, b)                                                                                            \
     do {                                                                                                               \
         if (!(cond)) {                                                                                                 \
-            fprintf(stderr, "fuzz_records: runs %s and %s differ at %s:%d: %s\n", (a)->label, (b)->label, __FILE__,   \
+            fprintf(stderr, "fuzz_records: runs %s and %s differ at %s:%d: %s\n", (a)->label, (b)->label, __FILE__,    \
                     __LINE__, #cond);                                                                                  \
             dump(a);                                                                                                   \
             if ((b) != (a))                                                                                            \

@@ -19,14 +19,14 @@
 
 typedef enum {
     JI_ARRAY_SCAN_OK = 0,
-    JI_ARRAY_SCAN_TOO_DEEP,   /**< a container opened deeper than max_depth */
-    JI_ARRAY_SCAN_TOO_MANY,   /**< more than max_values values */
-    JI_ARRAY_SCAN_COMMENT,    /**< a '/' outside a string */
+    JI_ARRAY_SCAN_TOO_DEEP, /**< a container opened deeper than max_depth */
+    JI_ARRAY_SCAN_TOO_MANY, /**< more than max_values values */
+    JI_ARRAY_SCAN_COMMENT,  /**< a '/' outside a string */
 } ji_array_scan_stop_t;
 
 typedef struct st_ji_array_scan_t {
     /* limits (ji_array_scan_init) */
-    size_t max_depth;    /**< containers open at once, the outermost counting 1 */
+    size_t max_depth; /**< containers open at once, the outermost counting 1 */
     uint64_t max_values;
 
     /* what the text scanned so far holds */

@@ -13,10 +13,10 @@
 
 typedef struct st_ji_body_decoder_t {
     bool chunked;
-    bool complete;          /**< the whole body is decoded and sits in the buffer */
-    uint64_t remaining;     /**< Content-Length: body bytes not yet consumed */
-    size_t decoded;         /**< chunked: decoded bytes at the front of the buffer, not yet consumed */
-    uint64_t wire_bytes;    /**< body bytes seen on the wire (framing included) */
+    bool complete;       /**< the whole body is decoded and sits in the buffer */
+    uint64_t remaining;  /**< Content-Length: body bytes not yet consumed */
+    size_t decoded;      /**< chunked: decoded bytes at the front of the buffer, not yet consumed */
+    uint64_t wire_bytes; /**< body bytes seen on the wire (framing included) */
     struct phr_chunked_decoder _chunked;
 } ji_body_decoder_t;
 
@@ -28,8 +28,8 @@ void ji_body_decoder_init_chunked(ji_body_decoder_t *d);
  * arrived. Chunked framing is removed in place, which may shrink `*buf_len`. On return `*avail` body bytes are
  * ready at `buf`. 0, or -1 when the chunked framing is malformed (`err` filled, JI_ERR_MALFORMED).
  */
-int ji_body_decoder_prepare(ji_body_decoder_t *d, char *buf, size_t *buf_len, size_t *avail, ji_error_t *err)
-    JI_MUST_CHECK;
+int ji_body_decoder_prepare(ji_body_decoder_t *d, char *buf, size_t *buf_len, size_t *avail,
+                            ji_error_t *err) JI_MUST_CHECK;
 
 /** `n` body bytes were consumed from the front of the buffer. */
 void ji_body_decoder_consumed(ji_body_decoder_t *d, size_t n);

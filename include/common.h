@@ -12,7 +12,7 @@
 
 #define JI_MUST_CHECK __attribute__((warn_unused_result))
 #define JI_PRINTF(a, b) __attribute__((format(printf, a, b)))
-#define JI_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define JI_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 #include "service_limits.h"
 

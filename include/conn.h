@@ -29,7 +29,7 @@ typedef struct st_ji_conn_t {
     h2o_socket_t *sock;
     struct timeval connected_at;
     ji_conn_state_t state;
-    struct sockaddr_storage peer;       /**< the socket's peer */
+    struct sockaddr_storage peer;    /**< the socket's peer */
     char client[JI_CLIENT_ADDR_LEN]; /**< the client's address (behind --trusted-proxies: from X-Forwarded-For) */
 
     /* the request being served */

@@ -67,8 +67,8 @@ typedef enum {
 /** One claim. The caller owns it (embedded in its request); results are valid during the callback only. */
 typedef struct st_ji_key_claim_t {
     ji_key_found_t found;
-    bool locked;         /**< the transaction holds the key's lock (until its COMMIT or ROLLBACK) */
-    const char *answer;  /**< COMMITTED: the kept answer, or NULL when none was kept */
+    bool locked;        /**< the transaction holds the key's lock (until its COMMIT or ROLLBACK) */
+    const char *answer; /**< COMMITTED: the kept answer, or NULL when none was kept */
     size_t answer_len;
     const char *digest;  /**< COMMITTED: the kept digest (hex), or NULL (kept before digests existed) */
     const char *what;    /**< FAILED: the step that failed, a fixed text fit for an answer */

@@ -111,7 +111,7 @@ void ji_image_batch_abort(ji_image_batch_t *b);
  * half-written file is listed in its batch's journal like any other and goes with it. Counts removed files in
  * `*removed`. 0, or -1 with `err` filled (gc still went through every journal it could).
  */
-int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx,
-                      uint64_t *removed, ji_error_t *err) JI_MUST_CHECK;
+int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx, uint64_t *removed,
+                      ji_error_t *err) JI_MUST_CHECK;
 
 #endif

@@ -36,7 +36,7 @@ typedef struct st_ji_ingest_stats_t {
     _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
     _Atomic uint64_t records, images, body_bytes;
     _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
-    _Atomic uint64_t limit_record_bytes;         /**< records over --max-record-bytes */
+    _Atomic uint64_t limit_record_bytes;        /**< records over --max-record-bytes */
 } ji_ingest_stats_t;
 
 /**
@@ -49,7 +49,7 @@ typedef struct st_ji_ingest_env_t {
     h2o_timeout_t *zero_timeout; /**< a zero-delay timeout list of `loop`: callbacks are delivered through it */
     ji_pg_pool_t *pg_pool;
     ji_image_store_t *images;
-    size_t max_record_bytes; /**< --max-record-bytes */
+    size_t max_record_bytes;    /**< --max-record-bytes */
     unsigned idempotency_ttl_s; /**< --idempotency-ttl (0: JI_DEFAULT_IDEMPOTENCY_TTL_S) */
     ji_ingest_stats_t *stats;
     /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */

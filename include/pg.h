@@ -75,8 +75,8 @@ size_t ji_pg_pool_busy(const ji_pg_pool_t *pool);
 void ji_pg_free(ji_pg_t *pg);
 
 /** Sends one statement with text parameters (values copied by libpq). 0, or -1 (see ji_pg_error). */
-int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *values, ji_pg_result_cb cb, void *ctx)
-    JI_MUST_CHECK;
+int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *values, ji_pg_result_cb cb,
+                void *ctx) JI_MUST_CHECK;
 
 /**
  * During COPY IN: queues `len` bytes (libpq copies them) and tries to send. 0 = handed to the kernel,

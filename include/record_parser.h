@@ -48,8 +48,8 @@ ji_record_parser_t *ji_record_parser_new(const ji_record_handler_t *handler, voi
 void ji_record_parser_free(ji_record_parser_t *p);
 
 /** Next fragment of line `line`. 0 = fine so far, -1 = the line failed (`err` filled; see ji_record_parser_reset). */
-int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data, size_t len, ji_error_t *err)
-    JI_MUST_CHECK;
+int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data, size_t len,
+                          ji_error_t *err) JI_MUST_CHECK;
 
 /**
  * Line `line` ended. 0 = a record was delivered or the line was blank, 1 = delivered and on_record asked to

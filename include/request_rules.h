@@ -74,8 +74,8 @@ typedef struct st_ji_request_policy_t {
  * or a Host that is not allowed, 401 for a missing or wrong token (compared in constant time). `needs_token`
  * says whether the route requires the token when one is configured; `check_host` whether the Host is judged.
  */
-int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token,
-                            bool check_host, ji_error_t *err) JI_MUST_CHECK;
+int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token, bool check_host,
+                            ji_error_t *err) JI_MUST_CHECK;
 
 /* ---- POST /users ---- */
 
@@ -94,8 +94,7 @@ typedef struct st_ji_upload_options_t {
 int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, ji_error_t *err) JI_MUST_CHECK;
 
 /** Reads the query string (without '?'). 0, or -1 with `err` filled (415 unknown format, 400 unknown on_error). */
-int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, size_t len, ji_error_t *err)
-    JI_MUST_CHECK;
+int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, size_t len, ji_error_t *err) JI_MUST_CHECK;
 
 /** True for the Content-Types that mean JSON Lines (parameters such as "; charset=utf-8" ignored). */
 bool ji_content_type_is_jsonl(const char *value, size_t len);

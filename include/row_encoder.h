@@ -8,8 +8,7 @@
 #include "common.h"
 
 /** The COPY statement the encoded rows are meant for. */
-#define JI_COPY_USERS_SQL                                                                                              \
-    "COPY users (batch_id, name, email, image_path, image_type, image_size) FROM STDIN"
+#define JI_COPY_USERS_SQL "COPY users (batch_id, name, email, image_path, image_type, image_size) FROM STDIN"
 
 typedef struct st_ji_row_t {
     int64_t batch_id;

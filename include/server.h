@@ -28,14 +28,14 @@ typedef struct st_ji_server_t {
     h2o_globalconf_t h2o_config;
     ji_worker_t *workers; /**< all workers, for /metrics */
     unsigned nworkers;
-    _Atomic bool db_ready;  /**< schema created and leftovers collected: ingests may start */
-    _Atomic bool stopping;  /**< SIGTERM: no new connections, finish what runs */
+    _Atomic bool db_ready;            /**< schema created and leftovers collected: ingests may start */
+    _Atomic bool stopping;            /**< SIGTERM: no new connections, finish what runs */
     _Atomic unsigned ingests_running; /**< POST /users requests in flight, all workers (cap: --max-ingests) */
-    char *token;                 /**< --token-file's token, or NULL */
-    ji_request_policy_t policy;  /**< token, allowed origins and hosts: what every request head is checked against */
+    char *token;                      /**< --token-file's token, or NULL */
+    ji_request_policy_t policy;     /**< token, allowed origins and hosts: what every request head is checked against */
     ji_client_slots_t client_slots; /**< uploads running per client (--max-client-ingests) */
     ji_trusted_proxies_t trusted_proxies; /**< --trusted-proxies */
-    ji_array_budget_t array_budget;   /**< memory of JSON-array requests, all workers (--array-memory-budget) */
+    ji_array_budget_t array_budget;       /**< memory of JSON-array requests, all workers (--array-memory-budget) */
 } ji_server_t;
 
 /** Counters of one worker outside its ingests (relaxed atomics, read by /metrics from any thread). */
@@ -55,13 +55,13 @@ struct st_ji_worker_t {
     h2o_socket_t *listener;
     ji_pg_pool_t *pg_pool;
     /** Timers of the streaming path (h2o_timeout lists, one per delay). */
-    h2o_timeout_t feed_flush_timeout; /**< feed a part-filled buffer after this long without more bytes */
-    h2o_timeout_t idle_timeout;       /**< a stalled head or body is cut after this */
-    h2o_timeout_t linger_timeout;     /**< how long an error response waits for the client to stop sending */
-    h2o_timeout_t yield_timeout;      /**< 1 ms: work split in slices goes on after the loop served the others */
+    h2o_timeout_t feed_flush_timeout;   /**< feed a part-filled buffer after this long without more bytes */
+    h2o_timeout_t idle_timeout;         /**< a stalled head or body is cut after this */
+    h2o_timeout_t linger_timeout;       /**< how long an error response waits for the client to stop sending */
+    h2o_timeout_t yield_timeout;        /**< 1 ms: work split in slices goes on after the loop served the others */
     h2o_timeout_t accept_pause_timeout; /**< out of file descriptors: accepting pauses this long */
     h2o_timeout_entry_t accept_pause;
-    h2o_linklist_t conns; /**< front-door connections of this worker (closed when it stops) */
+    h2o_linklist_t conns;       /**< front-door connections of this worker (closed when it stops) */
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;

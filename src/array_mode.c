@@ -26,7 +26,7 @@
 typedef struct st_array_req_t {
     h2o_req_t *req;
     ji_ingest_t *ingest;
-    char *text;  /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
+    char *text; /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
     yajl_val root;
     size_t next; /**< index of the next element to store */
     ji_worker_t *worker;
@@ -157,7 +157,10 @@ static int read_element(yajl_val v, uint64_t line, yajl_val *name, yajl_val *ema
                             (unsigned long long)line);
     for (size_t i = 0; i < v->u.object.len; i++) {
         const char *k = v->u.object.keys[i];
-        yajl_val *slot = is_name_key(k) ? name : strcmp(k, "email") == 0 ? email : strcmp(k, "image") == 0 ? image : NULL;
+        yajl_val *slot = is_name_key(k)            ? name
+                         : strcmp(k, "email") == 0 ? email
+                         : strcmp(k, "image") == 0 ? image
+                                                   : NULL;
         const char *field = slot == name ? "name" : slot == email ? "email" : "image";
         if (slot == NULL)
             continue;
@@ -256,7 +259,8 @@ static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **t
             buf = bigger;
             cap = next;
         }
-        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) != 0) {
+        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) !=
+            0) {
             if (err->kind == JI_ERR_TOO_LARGE)
                 ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "inflated body is larger than %s (%zu bytes)", flag, max);
             goto Error;
@@ -341,7 +345,8 @@ static int prescan(array_req_t *a, const char *text, size_t len, uint64_t held, 
     if (held > max) {
         atomic_fetch_add_explicit(&a->worker->server->array_budget.over_request_cap, 1, memory_order_relaxed);
         return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
-                            "a JSON-array body of %zu bytes needs %llu bytes, more than --max-array-memory (%llu bytes)",
+                            "a JSON-array body of %zu bytes needs %llu bytes, more than --max-array-memory (%llu "
+                            "bytes)",
                             len, (unsigned long long)held, (unsigned long long)max);
     }
     /* the outer array is one level more than its elements, the records */
@@ -389,8 +394,8 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
         ji_reply_error(req, &err);
         return 0;
     }
-    if (ce != -1 && !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len,
-                                 H2O_STRLIT("identity"))) {
+    if (ce != -1 &&
+        !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len, H2O_STRLIT("identity"))) {
         h2o_iovec_t v = req->headers.entries[ce].value;
         bool by_bytes = cfg->max_array_bytes <= cfg->max_array_memory;
         if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {

@@ -41,7 +41,8 @@ int ji_trusted_proxies_parse(ji_trusted_proxies_t *tp, const char *list, ji_erro
             item[--n] = '\0';
         if (tp->count == JI_MAX_TRUSTED_PROXIES)
             return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
-                                "--trusted-proxies: more than JI_MAX_TRUSTED_PROXIES (" JI_STR(JI_MAX_TRUSTED_PROXIES) ") entries");
+                                "--trusted-proxies: more than JI_MAX_TRUSTED_PROXIES (" JI_STR(
+                                    JI_MAX_TRUSTED_PROXIES) ") entries");
         b = &tp->blocks[tp->count];
         if ((slash = strchr(item, '/')) != NULL)
             *slash = '\0';

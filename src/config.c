@@ -21,40 +21,53 @@
 
 void ji_config_usage(const char *argv0, void *out)
 {
-    fprintf((FILE *)out,
-            "usage: %s [options]        serve POST /users and friends\n"
-            "       %s gc [options]     remove image files left by interrupted requests\n"
-            "\n"
-            "options:\n"
-            "  --listen HOST:PORT        address to serve on (default " JI_DEFAULT_LISTEN ")\n"
-            "  --db CONNINFO             PostgreSQL conninfo or URL (default: $DATABASE_URL, else libpq's PG* variables)\n"
-            "  --images-dir DIR          where image files go (default ./" JI_DEFAULT_IMAGES_DIR ")\n"
-            "  --threads N               event-loop threads (default: number of CPUs)\n"
-            "  --max-record-bytes N      longest line one record may take (default %u)\n"
-            "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
-            "  --fsync on|off            make image files durable before COMMIT (default on)\n"
-            "  --token-file F            require 'Authorization: Bearer <token>' on POST; the token is F's first line\n"
-            "                            (at least " JI_STR(JI_MIN_TOKEN_BYTES) " bytes)\n"
-            "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n"
-            "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n"
-            "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
-            "  --allowed-origins LIST    Origin values allowed to send requests, comma-separated, '*' any (default none:\n"
-            "                            a request with an Origin header is 403; curl sends none)\n"
-            "  --allowed-hosts LIST      Host names allowed, comma-separated, '*' any (default: on a loopback listener\n"
-            "                            localhost,127.0.0.1,::1 only, else any)\n"
-            "  --max-client-ingests N    uploads one client address may run at once; 0 no cap (default %u)\n"
-            "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 off (default %u)\n"
-            "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
-            "  --trusted-proxies LIST    CIDR blocks of proxies whose X-Forwarded-For names the client (default none)\n"
-            "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n"
-            "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n"
-            "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n"
-            "  --array-memory-budget N   most bytes all JSON-array requests may hold together (default %u)\n"
-            "  --help                    this text\n",
-            argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-            JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
-            JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S,
-            JI_DEFAULT_IDEMPOTENCY_TTL_S, JI_DEFAULT_MAX_ARRAY_MEMORY, JI_DEFAULT_ARRAY_MEMORY_BUDGET);
+    fprintf(
+        (FILE *)out,
+        "usage: %s [options]        serve POST /users and friends\n"
+        "       %s gc [options]     remove image files left by interrupted requests\n"
+        "\n"
+        "options:\n"
+        "  --listen HOST:PORT        address to serve on (default " JI_DEFAULT_LISTEN ")\n"
+        "  --db CONNINFO             PostgreSQL conninfo or URL (default: $DATABASE_URL, else libpq's PG* variables)\n"
+        "  --images-dir DIR          where image files go (default ./" JI_DEFAULT_IMAGES_DIR ")\n"
+        "  --threads N               event-loop threads (default: number of CPUs)\n"
+        "  --max-record-bytes N      longest line one record may take (default %u)\n"
+        "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
+        "  --fsync on|off            make image files durable before COMMIT (default on)\n"
+        "  --token-file F            require 'Authorization: Bearer <token>' on POST; the token is F's first line\n"
+        "                            (at least " JI_STR(
+            JI_MIN_TOKEN_BYTES) " bytes)\n"
+                                "  --max-ingests N           POST /users requests running at once; more get 503 "
+                                "(default %u)\n"
+                                "  --idle-timeout S          cut a request whose head or body stalls this many seconds "
+                                "(default %u)\n"
+                                "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
+                                "  --allowed-origins LIST    Origin values allowed to send requests, comma-separated, "
+                                "'*' any (default none:\n"
+                                "                            a request with an Origin header is 403; curl sends none)\n"
+                                "  --allowed-hosts LIST      Host names allowed, comma-separated, '*' any (default: on "
+                                "a loopback listener\n"
+                                "                            localhost,127.0.0.1,::1 only, else any)\n"
+                                "  --max-client-ingests N    uploads one client address may run at once; 0 no cap "
+                                "(default %u)\n"
+                                "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 "
+                                "off (default %u)\n"
+                                "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
+                                "  --trusted-proxies LIST    CIDR blocks of proxies whose X-Forwarded-For names the "
+                                "client (default none)\n"
+                                "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get "
+                                "503 (default %u)\n"
+                                "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default "
+                                "%u)\n"
+                                "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree "
+                                "(default %u)\n"
+                                "  --array-memory-budget N   most bytes all JSON-array requests may hold together "
+                                "(default %u)\n"
+                                "  --help                    this text\n",
+        argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
+        JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
+        JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S,
+        JI_DEFAULT_IDEMPOTENCY_TTL_S, JI_DEFAULT_MAX_ARRAY_MEMORY, JI_DEFAULT_ARRAY_MEMORY_BUDGET);
 }
 
 /* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
@@ -308,7 +321,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             cfg->allowed_hosts = optarg;
             break;
         case OPT_MAX_CLIENT_INGESTS:
-            if (parse_uint("--max-client-ingests", optarg, "uploads", 0, JI_MAX_FLAG_VALUE, &cfg->max_client_ingests) != 0)
+            if (parse_uint("--max-client-ingests", optarg, "uploads", 0, JI_MAX_FLAG_VALUE, &cfg->max_client_ingests) !=
+                0)
                 return -1;
             break;
         case OPT_MIN_BODY_RATE:
@@ -332,8 +346,10 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         }
     }
     if (cfg->array_memory_budget < cfg->max_array_memory) {
-        fprintf(stderr, "--array-memory-budget (%zu) is smaller than --max-array-memory (%zu): no array request "
-                "could run\n", cfg->array_memory_budget, cfg->max_array_memory);
+        fprintf(stderr,
+                "--array-memory-budget (%zu) is smaller than --max-array-memory (%zu): no array request "
+                "could run\n",
+                cfg->array_memory_budget, cfg->max_array_memory);
         return -1;
     }
     if (optind < argc) {

@@ -21,8 +21,8 @@ struct st_ji_gunzip_t {
     z_stream z;
     uint64_t max_inflated;
     uint64_t total_out;
-    bool finished;  /**< the last member ended and no byte of another one was consumed */
-    bool failed;    /**< an error was returned: `error` is repeated on every later call */
+    bool finished; /**< the last member ended and no byte of another one was consumed */
+    bool failed;   /**< an error was returned: `error` is repeated on every later call */
     ji_error_t error;
 };
 

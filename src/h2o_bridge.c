@@ -17,8 +17,8 @@ struct st_ji_bridge_t {
     h2o_ostream_t ostr_final;
     ji_bridge_params_t params;
     bool sent_headers;
-    bool final_sent;   /**< the last piece is on its way */
-    bool persistent;   /**< the connection may carry another request after this answer */
+    bool final_sent; /**< the last piece is on its way */
+    bool persistent; /**< the connection may carry another request after this answer */
     bool writing;
     h2o_timeout_entry_t send_timer;
     h2o_timeout_entry_t empty_write; /**< completes a write of nothing from the loop */

@@ -15,8 +15,8 @@
 
 /** The rule, as every refusal states it. */
 #define KEY_RULE                                                                                                       \
-    "Idempotency-Key must be 1 to JI_MAX_IDEMPOTENCY_KEY_BYTES (" JI_STR(JI_MAX_IDEMPOTENCY_KEY_BYTES)                 \
-    ") bytes of visible ASCII"
+    "Idempotency-Key must be 1 to JI_MAX_IDEMPOTENCY_KEY_BYTES (" JI_STR(                                              \
+        JI_MAX_IDEMPOTENCY_KEY_BYTES) ") bytes of visible ASCII"
 
 int ji_idempotency_key_check(const char *value, size_t len, ji_error_t *err)
 {
@@ -212,8 +212,9 @@ static void on_lookup(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     /* older than the TTL: the old batch keeps its rows and loses its key (this transaction holds the key's lock,
      * a sweep skips the rows others hold: nothing waits here) */
     params[0] = PQgetvalue(res, 0, 3);
-    if (ji_pg_query(pg, "UPDATE batches SET idempotency_key = NULL, response = NULL, request_digest = NULL "
-                        "WHERE batch_id = $1",
+    if (ji_pg_query(pg,
+                    "UPDATE batches SET idempotency_key = NULL, response = NULL, request_digest = NULL "
+                    "WHERE batch_id = $1",
                     1, params, on_released, c) != 0)
         claim_failed(c, pg, "releasing an expired Idempotency-Key failed", NULL, NULL);
 }
@@ -238,9 +239,10 @@ static void on_guarded(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         return;
     }
     c->locked = true;
-    if (ji_pg_query(pg, "SELECT response, encode(request_digest, 'hex'), "
-                        "created_at < now() - make_interval(secs => $2::int), batch_id "
-                        "FROM batches WHERE idempotency_key = $1",
+    if (ji_pg_query(pg,
+                    "SELECT response, encode(request_digest, 'hex'), "
+                    "created_at < now() - make_interval(secs => $2::int), batch_id "
+                    "FROM batches WHERE idempotency_key = $1",
                     2, params, on_lookup, c) != 0)
         claim_failed(c, pg, "looking up the Idempotency-Key failed", NULL, NULL);
 }

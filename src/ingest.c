@@ -412,7 +412,8 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
     in->record_mode = true;
     if (in->digest != NULL)
         ji_request_digest_record(in->digest, line, name, name_len, email, email_len, image, image_len);
-    if (ji_record_check_name(name, name_len, line, &err) != 0 || ji_record_check_email(email, email_len, line, &err) != 0 ||
+    if (ji_record_check_name(name, name_len, line, &err) != 0 ||
+        ji_record_check_email(email, email_len, line, &err) != 0 ||
         (image != NULL && image_len > 0 && on_image(in, line, image, image_len, &err) != 0)) {
         forget_line_image(in);
         return record_error(in, &err, line) == 0 ? 0 : -1;

@@ -49,20 +49,20 @@ struct st_ji_ingest_t {
     void *owner;
     ingest_state_t state;
     ingest_state_t state_before_failure;
-    bool ended;       /**< the owner fed every body byte */
-    bool lines_ended; /**< the splitter saw the end of input */
-    bool paused;      /**< COPY output backed up: waiting for the drain event */
-    bool refused;     /**< the owner was given less than it offered: it waits for resume */
-    bool record_mode; /**< records come from ji_ingest_put_record, not from body bytes */
-    bool replayed;    /**< answered from an earlier request with the same Idempotency-Key */
-    bool keyed;       /**< an Idempotency-Key came with the request */
-    bool key_locked;  /**< this transaction holds the key's advisory lock */
+    bool ended;              /**< the owner fed every body byte */
+    bool lines_ended;        /**< the splitter saw the end of input */
+    bool paused;             /**< COPY output backed up: waiting for the drain event */
+    bool refused;            /**< the owner was given less than it offered: it waits for resume */
+    bool record_mode;        /**< records come from ji_ingest_put_record, not from body bytes */
+    bool replayed;           /**< answered from an earlier request with the same Idempotency-Key */
+    bool keyed;              /**< an Idempotency-Key came with the request */
+    bool key_locked;         /**< this transaction holds the key's advisory lock */
     bool unlock_rolled_back; /**< failing with the key's lock: ROLLBACK was sent */
     char key[JI_IDEMPOTENCY_KEY_CAP];
     ji_key_claim_t claim;
-    ji_request_digest_t *digest;                      /**< of the content, with a key only */
+    ji_request_digest_t *digest;                       /**< of the content, with a key only */
     char replay_digest[JI_REQUEST_DIGEST_HEX_LEN + 1]; /**< REPLAY: the first request's ("": not kept) */
-    char batch_key[40];                               /**< for the log */
+    char batch_key[40];                                /**< for the log */
     struct timespec started;
 
     ji_pg_t *pg;

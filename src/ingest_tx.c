@@ -258,8 +258,8 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     }
     const char *params[3] = {in->batch_id_text, in->answer.base, digest};
     in->state = ST_KEEP_ANSWER;
-    if (ji_pg_query(pg, "UPDATE batches SET response = $2, request_digest = decode($3, 'hex') WHERE batch_id = $1",
-                    3, params, on_answer_kept, in) != 0)
+    if (ji_pg_query(pg, "UPDATE batches SET response = $2, request_digest = decode($3, 'hex') WHERE batch_id = $1", 3,
+                    params, on_answer_kept, in) != 0)
         ji_ingest_tx_fail(in, "keeping the answer of the Idempotency-Key failed", NULL, ji_pg_error(pg));
 }
 

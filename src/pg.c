@@ -59,8 +59,8 @@ struct st_ji_pg_pool_t {
     h2o_timeout_t zero_timeout;    /**< "later, from the loop" */
     h2o_timeout_t connect_timeout; /**< connect_timeout_ms */
     uint64_t connect_timeout_ms;
-    h2o_linklist_t recycling;       /**< connections rolling back before they go idle (ji_pg_pool_put_rollback) */
-    h2o_timeout_t recycle_timeout;  /**< JI_PG_ROLLBACK_TIMEOUT_MS */
+    h2o_linklist_t recycling;      /**< connections rolling back before they go idle (ji_pg_pool_put_rollback) */
+    h2o_timeout_t recycle_timeout; /**< JI_PG_ROLLBACK_TIMEOUT_MS */
 };
 
 struct st_ji_pg_t {

@@ -59,8 +59,9 @@ static bool db_usable(ji_worker_t *w, h2o_req_t *req)
 {
     if (atomic_load_explicit(&w->server->db_ready, memory_order_acquire))
         return true;
-    ji_reply_errorf(req, JI_ERR_DB, "database unavailable: the schema is not ready yet "
-                                    "(the database was unreachable at start; retrying)");
+    ji_reply_errorf(req, JI_ERR_DB,
+                    "database unavailable: the schema is not ready yet "
+                    "(the database was unreachable at start; retrying)");
     return false;
 }
 
@@ -375,17 +376,17 @@ typedef struct st_export_t {
     ji_worker_t *w;
     bool csv, head;
     export_query_t q;
-    uint64_t sent_rows; /**< rows fetched so far (for messages) */
-    unsigned asked;     /**< LIMIT of the running fetch */
+    uint64_t sent_rows;         /**< rows fetched so far (for messages) */
+    unsigned asked;             /**< LIMIT of the running fetch */
     char params[2][INT64_TEXT]; /**< after_id and LIMIT of the running fetch, as text */
     const char *values[2];
-    ji_text_t page[2];  /**< one being sent, one being filled */
-    unsigned filling;   /**< index of the page the running fetch fills (or that is ready) */
-    bool started;       /**< the response headers went out */
-    bool sending;       /**< an h2o_send is in flight (its page must stay untouched) */
-    bool ready;         /**< page[filling] is complete and waits for the previous send */
-    bool last;          /**< ... and it is the final one */
-    bool failed;        /**< a fetch failed after the headers: end the response with an error */
+    ji_text_t page[2]; /**< one being sent, one being filled */
+    unsigned filling;  /**< index of the page the running fetch fills (or that is ready) */
+    bool started;      /**< the response headers went out */
+    bool sending;      /**< an h2o_send is in flight (its page must stay untouched) */
+    bool ready;        /**< page[filling] is complete and waits for the previous send */
+    bool last;         /**< ... and it is the final one */
+    bool failed;       /**< a fetch failed after the headers: end the response with an error */
 } export_t;
 
 static void export_on_page(ji_pg_call_t *call, PGresult *res, const char *err);

@@ -57,19 +57,19 @@ struct st_ji_record_parser_t {
 
     /* the current line */
     uint64_t line;
-    bool line_open;          /* fed since its last end_line/reset */
-    uint64_t skip_line;      /* after reset() mid-line: the rest of this line is ignored (0 = none) */
-    ji_escape_scan_t scan;   /* bad `\u` escapes in the raw text */
-    size_t line_len;         /* bytes fed so far */
-    size_t frag_off;         /* line offset of the fragment yajl is parsing */
-    size_t last_nonws_end;   /* line offset just past the last non-whitespace byte */
-    size_t record_end;       /* line offset just past the '}' that closed the record */
-    size_t depth;            /* open objects and arrays */
-    bool record_done;        /* the line's object is complete */
+    bool line_open;        /* fed since its last end_line/reset */
+    uint64_t skip_line;    /* after reset() mid-line: the rest of this line is ignored (0 = none) */
+    ji_escape_scan_t scan; /* bad `\u` escapes in the raw text */
+    size_t line_len;       /* bytes fed so far */
+    size_t frag_off;       /* line offset of the fragment yajl is parsing */
+    size_t last_nonws_end; /* line offset just past the last non-whitespace byte */
+    size_t record_end;     /* line offset just past the '}' that closed the record */
+    size_t depth;          /* open objects and arrays */
+    bool record_done;      /* the line's object is complete */
 
     /* the current record */
-    unsigned seen;           /* SEEN_* */
-    member_t member;         /* top-level member being parsed */
+    unsigned seen;                                /* SEEN_* */
+    member_t member;                              /* top-level member being parsed */
     char field[sizeof(((ji_error_t *)0)->field)]; /* its name, for errors */
     bool has_image;
     size_t name_len, email_len;
@@ -543,7 +543,7 @@ int ji_record_parser_end_line(ji_record_parser_t *p, uint64_t line, ji_error_t *
         }
     }
     if (!p->record_done)
-        return 0; /* blank line */
+        return 0;                     /* blank line */
     if (p->scan.bad_at != SIZE_MAX) { /* cannot happen in valid JSON, where every backslash is in a string */
         p->failed = true;
         return ji_error_set(err, JI_ERR_INVALID, line, NULL, "%s is not allowed", p->scan.why);

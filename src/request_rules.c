@@ -220,7 +220,8 @@ static bool token_matches(const ji_request_policy_t *p, const struct phr_header 
     const char *v;
     size_t len;
 
-    if (auth == NULL || auth->value_len < sizeof(scheme) - 1 || strncasecmp(auth->value, scheme, sizeof(scheme) - 1) != 0)
+    if (auth == NULL || auth->value_len < sizeof(scheme) - 1 ||
+        strncasecmp(auth->value, scheme, sizeof(scheme) - 1) != 0)
         return false;
     v = auth->value + sizeof(scheme) - 1;
     len = auth->value_len - (sizeof(scheme) - 1);
@@ -231,12 +232,11 @@ static bool token_matches(const ji_request_policy_t *p, const struct phr_header 
     return len == p->token_len && CRYPTO_memcmp(v, p->token, len) == 0;
 }
 
-int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token,
-                            bool check_host, ji_error_t *err)
+int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_t *p, bool needs_token, bool check_host,
+                            ji_error_t *err)
 {
-    if (h->origin != NULL &&
-        (p->allowed_origins == NULL ||
-         !any_element(p->allowed_origins, strlen(p->allowed_origins), element_is_exact, h->origin)))
+    if (h->origin != NULL && (p->allowed_origins == NULL || !any_element(p->allowed_origins, strlen(p->allowed_origins),
+                                                                         element_is_exact, h->origin)))
         return ji_error_set(err, JI_ERR_FORBIDDEN, 0, NULL, "Origin %.*s is not in --allowed-origins",
                             (int)(h->origin->value_len < 100 ? h->origin->value_len : 100), h->origin->value);
     if (check_host && h->host != NULL && p->allowed_hosts != NULL &&
@@ -265,14 +265,16 @@ int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, siz
             else if (span_is(v, vlen, "jsonl") || span_is(v, vlen, "ndjson"))
                 o->format = JI_FORMAT_JSONL;
             else
-                return ji_error_set(err, JI_ERR_UNSUPPORTED, 0, NULL, "unknown format: use format=jsonl or format=array");
+                return ji_error_set(err, JI_ERR_UNSUPPORTED, 0, NULL,
+                                    "unknown format: use format=jsonl or format=array");
         } else if (span_is(p, klen, "on_error")) {
             if (span_is(v, vlen, "skip"))
                 o->skip_errors = true;
             else if (span_is(v, vlen, "fail"))
                 o->skip_errors = false;
             else
-                return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "unknown on_error: use on_error=skip or on_error=fail");
+                return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
+                                    "unknown on_error: use on_error=skip or on_error=fail");
         }
         p = stop + 1;
     }

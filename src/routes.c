@@ -18,8 +18,8 @@ static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
         const char *path;
         ji_route_id_t id;
     } fixed[] = {
-        {"/users", JI_ROUTE_USERS},     {"/users.csv", JI_ROUTE_USERS_CSV}, {"/healthz", JI_ROUTE_HEALTHZ},
-        {"/readyz", JI_ROUTE_READYZ},   {"/metrics", JI_ROUTE_METRICS},
+        {"/users", JI_ROUTE_USERS},   {"/users.csv", JI_ROUTE_USERS_CSV}, {"/healthz", JI_ROUTE_HEALTHZ},
+        {"/readyz", JI_ROUTE_READYZ}, {"/metrics", JI_ROUTE_METRICS},
     };
     static const char users[] = "/users/", image[] = "/image";
     const char *seg, *slash;

@@ -58,8 +58,8 @@ static const char SQL_CREATE_KEY_AGE_INDEX[] =
  * rows stay. Rows locked by someone else (an upload reusing that key right now) are skipped, never waited for.
  */
 #define SQL_EXPIRE_KEYS                                                                                                \
-    "UPDATE batches SET idempotency_key = NULL, response = NULL, request_digest = NULL WHERE batch_id IN "           \
-    "(SELECT batch_id FROM batches WHERE idempotency_key IS NOT NULL AND created_at < now() - make_interval(secs "    \
+    "UPDATE batches SET idempotency_key = NULL, response = NULL, request_digest = NULL WHERE batch_id IN "             \
+    "(SELECT batch_id FROM batches WHERE idempotency_key IS NOT NULL AND created_at < now() - make_interval(secs "     \
     "=> %u) ORDER BY created_at LIMIT " JI_STR(JI_IDEMPOTENCY_SWEEP_ROWS) " FOR UPDATE SKIP LOCKED)"
 
 static const char SQL_CREATE_USERS[] = "CREATE TABLE IF NOT EXISTS users ("
@@ -148,8 +148,8 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
         goto rollback;
     if (exec_expect(conn, SQL_CREATE_BATCHES, PGRES_COMMAND_OK, "creating table batches", err, NULL) != 0)
         goto rollback;
-    if (exec_expect(conn, SQL_BATCHES_MISSING_KEY, PGRES_TUPLES_OK, "reading the columns of batches", err,
-                    &missing) != 0)
+    if (exec_expect(conn, SQL_BATCHES_MISSING_KEY, PGRES_TUPLES_OK, "reading the columns of batches", err, &missing) !=
+        0)
         goto rollback;
     if (missing > 0 && exec_expect(conn, SQL_BATCHES_IDEMPOTENCY, PGRES_COMMAND_OK,
                                    "adding idempotency columns to batches", err, NULL) != 0)
@@ -157,11 +157,10 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
     if (exec_expect(conn, SQL_BATCHES_HAS_DIGEST, PGRES_TUPLES_OK, "reading the columns of batches", err,
                     &has_digest) != 0)
         goto rollback;
-    if (has_digest == 0 && exec_expect(conn, SQL_BATCHES_DIGEST, PGRES_COMMAND_OK, "adding request_digest to batches",
-                                    err, NULL) != 0)
+    if (has_digest == 0 &&
+        exec_expect(conn, SQL_BATCHES_DIGEST, PGRES_COMMAND_OK, "adding request_digest to batches", err, NULL) != 0)
         goto rollback;
-    if (exec_expect(conn, SQL_HAS_KEY_AGE_INDEX, PGRES_TUPLES_OK, "reading the indexes of batches", err, &indexes) !=
-        0)
+    if (exec_expect(conn, SQL_HAS_KEY_AGE_INDEX, PGRES_TUPLES_OK, "reading the indexes of batches", err, &indexes) != 0)
         goto rollback;
     if (indexes == 0 && exec_expect(conn, SQL_CREATE_KEY_AGE_INDEX, PGRES_COMMAND_OK,
                                     "creating index batches_key_age_idx", err, NULL) != 0)
@@ -186,8 +185,8 @@ rollback:
 }
 
 #define SQL_EXPIRE_KEYS_DO                                                                                             \
-    "DO $$BEGIN PERFORM set_config('lock_timeout', '" JI_STR(JI_PG_LOCK_TIMEOUT_MS) "', true); " SQL_EXPIRE_KEYS      \
-    "; END$$"
+    "DO $$BEGIN PERFORM set_config('lock_timeout', '" JI_STR(JI_PG_LOCK_TIMEOUT_MS) "', true); " SQL_EXPIRE_KEYS       \
+                                                                                    "; END$$"
 _Static_assert(sizeof(SQL_EXPIRE_KEYS_DO) + 8 <= JI_SCHEMA_EXPIRE_STATEMENT_CAP, "the sweep statement must fit");
 
 void ji_schema_expire_keys_statement(char *buf, size_t cap, unsigned ttl_s)

@@ -37,7 +37,8 @@
 
 /* ------------------------------------------------------------------ h2o handlers */
 
-static h2o_pathconf_t *register_handler(h2o_hostconf_t *host, const char *path, int (*on_req)(h2o_handler_t *, h2o_req_t *))
+static h2o_pathconf_t *register_handler(h2o_hostconf_t *host, const char *path,
+                                        int (*on_req)(h2o_handler_t *, h2o_req_t *))
 {
     h2o_pathconf_t *pathconf = h2o_config_register_path(host, path, 0);
     h2o_handler_t *handler = h2o_create_handler(pathconf, sizeof(*handler));
@@ -99,8 +100,9 @@ static int load_token(ji_server_t *server, const char *path)
     buf[strcspn(buf, "\r\n")] = '\0';
     n = strlen(buf);
     if (n < JI_MIN_TOKEN_BYTES) {
-        fprintf(stderr, "--token-file %s: the token (the first line) has %zu bytes, fewer than JI_MIN_TOKEN_BYTES "
-                        "(" JI_STR(JI_MIN_TOKEN_BYTES) "): a short token can be guessed\n",
+        fprintf(stderr,
+                "--token-file %s: the token (the first line) has %zu bytes, fewer than JI_MIN_TOKEN_BYTES "
+                "(" JI_STR(JI_MIN_TOKEN_BYTES) "): a short token can be guessed\n",
                 path, n);
         return -1;
     }
@@ -156,8 +158,8 @@ static int open_listener(const ji_config_t *cfg)
         if ((fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0)) == -1)
             continue;
         /* no SO_REUSEPORT: a second process on the same address fails here instead of splitting the traffic */
-        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 && bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-            listen(fd, SOMAXCONN) == 0)
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
+            bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, SOMAXCONN) == 0)
             break;
         close(fd);
         fd = -1;
@@ -287,7 +289,8 @@ static void *signal_run(void *arg)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     if (sigwait(&set, &sig) == 0) {
-        fprintf(stderr, "got %s: no new connections, finishing requests in flight\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        fprintf(stderr, "got %s: no new connections, finishing requests in flight\n",
+                sig == SIGTERM ? "SIGTERM" : "SIGINT");
         atomic_store(&server->stopping, true);
     }
     return NULL;
@@ -406,16 +409,16 @@ int ji_server_run(const ji_config_t *config)
     signal(SIGPIPE, SIG_IGN);
     if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
         return 1;
-    if (config->trusted_proxies != NULL && ji_trusted_proxies_parse(&server.trusted_proxies, config->trusted_proxies,
-                                                                    &err) != 0) {
+    if (config->trusted_proxies != NULL &&
+        ji_trusted_proxies_parse(&server.trusted_proxies, config->trusted_proxies, &err) != 0) {
         fprintf(stderr, "%s\n", err.message);
         free(server.token);
         return 1;
     }
     server.policy.allowed_origins = config->allowed_origins;
     server.policy.allowed_hosts = config->allowed_hosts != NULL ? config->allowed_hosts
-                                  : listen_is_loopback(config)   ? JI_LOOPBACK_HOST_NAMES
-                                                                 : NULL;
+                                  : listen_is_loopback(config)  ? JI_LOOPBACK_HOST_NAMES
+                                                                : NULL;
     if (ji_client_slots_init(&server.client_slots, 2 * (size_t)config->max_ingests + 16, config->max_client_ingests) !=
         0) {
         fprintf(stderr, "out of memory\n");

@@ -252,8 +252,7 @@ static void on_ingest_resume(ji_ingest_t *in, void *owner)
         read_body(u);
 }
 
-static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len,
-                           unsigned retry_after)
+static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len, unsigned retry_after)
 {
     ji_upload_t *u = owner;
     ji_text_t copy = {0};

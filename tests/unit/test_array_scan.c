@@ -41,10 +41,9 @@ static ji_array_scan_t scan_whole(const char *s, size_t len, size_t max_depth, u
 
 static bool same_scan(const ji_array_scan_t *a, const ji_array_scan_t *b)
 {
-    return a->values == b->values && a->elements == b->elements && a->depth == b->depth &&
-           a->deepest == b->deepest && a->longest_escaped == b->longest_escaped && a->stop == b->stop &&
-           a->stop_offset == b->stop_offset && a->stop_element == b->stop_element &&
-           (a->stop != JI_ARRAY_SCAN_OK || a->scanned == b->scanned);
+    return a->values == b->values && a->elements == b->elements && a->depth == b->depth && a->deepest == b->deepest &&
+           a->longest_escaped == b->longest_escaped && a->stop == b->stop && a->stop_offset == b->stop_offset &&
+           a->stop_element == b->stop_element && (a->stop != JI_ARRAY_SCAN_OK || a->scanned == b->scanned);
 }
 
 /* The scan of `s` cut at every byte, and in 1-byte pieces, equals the scan of `s` whole. Returns mismatches. */
@@ -245,9 +244,20 @@ static void test_tree_estimate(void)
 {
     /* the shapes of the measurement in service_limits.h, and a few more */
     static const char *const units[] = {
-        "0", "{}", "[]", "\"a\"", "\"\"", "true", "123456789", "{\"a\":0}", "[0,0,0,0]",
-        "{\"name\":\"a\",\"email\":\"b@c\",\"image\":null}", "\"aaaaaaaaaaaaaaaaaaaaaaaaa\"",
-        "{\"aaaaaaaaaaaaaaaaaaaaaaaaaa\":1}", "{\"k\":{\"k\":{\"k\":[1,[2,[3]]]}}}", "\"\\u00e9\\n\\\"\"",
+        "0",
+        "{}",
+        "[]",
+        "\"a\"",
+        "\"\"",
+        "true",
+        "123456789",
+        "{\"a\":0}",
+        "[0,0,0,0]",
+        "{\"name\":\"a\",\"email\":\"b@c\",\"image\":null}",
+        "\"aaaaaaaaaaaaaaaaaaaaaaaaa\"",
+        "{\"aaaaaaaaaaaaaaaaaaaaaaaaaa\":1}",
+        "{\"k\":{\"k\":{\"k\":[1,[2,[3]]]}}}",
+        "\"\\u00e9\\n\\\"\"",
         "{\"name\":\"n\",\"email\":\"e@x\",\"image\":\"aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=\"}",
     };
     size_t n = TREE_ELEMENTS, worst_unit = 0;

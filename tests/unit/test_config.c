@@ -34,9 +34,24 @@ static void test_defaults(void)
 
 static void test_flags(void)
 {
-    const char *argv[] = {"jsonl-ingest", "--listen", "0.0.0.0:9001", "--db", "dbname=x", "--images-dir", "/tmp/i",
-                          "--threads", "3", "--max-record-bytes", "1000", "--max-array-bytes", "2000", "--fsync",
-                          "off", "--token-file", "/tmp/t", NULL};
+    const char *argv[] = {"jsonl-ingest",
+                          "--listen",
+                          "0.0.0.0:9001",
+                          "--db",
+                          "dbname=x",
+                          "--images-dir",
+                          "/tmp/i",
+                          "--threads",
+                          "3",
+                          "--max-record-bytes",
+                          "1000",
+                          "--max-array-bytes",
+                          "2000",
+                          "--fsync",
+                          "off",
+                          "--token-file",
+                          "/tmp/t",
+                          NULL};
     ji_config_t cfg;
 
     CHECK_EQ_INT(parse(&cfg, 17, argv), 0);
@@ -53,8 +68,8 @@ static void test_flags(void)
 
 static void test_limits_survive_later_flags(void)
 {
-    const char *argv[] = {"jsonl-ingest", "--max-ingests", "3", "--idle-timeout", "7", "--max-inflated-bytes", "999",
-                          "--fsync", "on", "--fsync", "off", NULL};
+    const char *argv[] = {"jsonl-ingest", "--max-ingests", "3",  "--idle-timeout", "7",   "--max-inflated-bytes",
+                          "999",          "--fsync",       "on", "--fsync",        "off", NULL};
     ji_config_t cfg;
 
     CHECK_EQ_INT(parse(&cfg, 11, argv), 0);
@@ -137,11 +152,34 @@ static void check_refused(const char *flag, const char *value)
 
 static void test_numbers_are_strict(void)
 {
-    static const char *flags[] = {"--threads",    "--max-record-bytes", "--max-array-bytes",
+    static const char *flags[] = {"--threads",     "--max-record-bytes", "--max-array-bytes",
                                   "--max-ingests", "--idle-timeout",     "--max-inflated-bytes"};
     static const char *bad[] = {
-        "-1", " -1", "-0", "+1", "+0", " 1", "1 ", "\t1", "1\n", "", " ", "abc", "1a", "12k", "1K", "1M", "1.5",
-        "1e3", "0x10", "1_000", "0", "00", "18446744073709551616", "99999999999999999999", "184467440737095516150",
+        "-1",
+        " -1",
+        "-0",
+        "+1",
+        "+0",
+        " 1",
+        "1 ",
+        "\t1",
+        "1\n",
+        "",
+        " ",
+        "abc",
+        "1a",
+        "12k",
+        "1K",
+        "1M",
+        "1.5",
+        "1e3",
+        "0x10",
+        "1_000",
+        "0",
+        "00",
+        "18446744073709551616",
+        "99999999999999999999",
+        "184467440737095516150",
     };
     char msg[512];
     ji_config_t cfg;
@@ -176,11 +214,27 @@ static void test_numbers_are_strict(void)
 
 static void test_numbers_at_their_bounds(void)
 {
-    const char *low[] = {"x",         "--threads",          "1",    "--max-record-bytes", "1", "--max-array-bytes", "1",
-                         "--max-ingests", "1",              "--idle-timeout", "1", "--max-inflated-bytes", "1", NULL};
-    const char *high[] = {"x", "--threads", "256", "--max-record-bytes", "18446744073709551615", "--max-array-bytes",
-                          "18446744073709551615", "--max-ingests", "1000000", "--idle-timeout", "1000000",
-                          "--max-inflated-bytes", "18446744073709551615", NULL};
+    const char *low[] = {"x", "--threads",
+                         "1", "--max-record-bytes",
+                         "1", "--max-array-bytes",
+                         "1", "--max-ingests",
+                         "1", "--idle-timeout",
+                         "1", "--max-inflated-bytes",
+                         "1", NULL};
+    const char *high[] = {"x",
+                          "--threads",
+                          "256",
+                          "--max-record-bytes",
+                          "18446744073709551615",
+                          "--max-array-bytes",
+                          "18446744073709551615",
+                          "--max-ingests",
+                          "1000000",
+                          "--idle-timeout",
+                          "1000000",
+                          "--max-inflated-bytes",
+                          "18446744073709551615",
+                          NULL};
     const char *zeros[] = {"x", "--threads", "007", "--max-record-bytes", "0100", NULL};
     ji_config_t cfg;
 
@@ -219,7 +273,8 @@ static void test_listen_port_is_strict(void)
     CHECK_EQ_INT(cfg.listen_port, 65535);
 }
 
-UNIT_MAIN("config", {"defaults", test_defaults}, {"flags", test_flags}, {"limits_survive_later_flags", test_limits_survive_later_flags}, {"env_db_and_gc", test_env_db_and_gc},
+UNIT_MAIN("config", {"defaults", test_defaults}, {"flags", test_flags},
+          {"limits_survive_later_flags", test_limits_survive_later_flags}, {"env_db_and_gc", test_env_db_and_gc},
           {"rejects", test_rejects}, {"numbers_are_strict", test_numbers_are_strict},
           {"numbers_at_their_bounds", test_numbers_at_their_bounds},
           {"listen_port_is_strict", test_listen_port_is_strict})

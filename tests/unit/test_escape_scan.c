@@ -20,31 +20,31 @@ static const scan_case_t cases[] = {
     {"{\"a\":\"x\\\"y\\\\z\\/w\\n\\t\\b\\f\\r\"}", NONE, NULL},
     {"\"\\u0000\"", 1, NUL_WHY},
     {"\"ab\\u0000\"", 3, NUL_WHY},
-    {"\"\\\\u0000\"", NONE, NULL},      /* escaped backslash, then plain "u0000" */
+    {"\"\\\\u0000\"", NONE, NULL}, /* escaped backslash, then plain "u0000" */
     {"\"\\\\ud800\"", NONE, NULL},
     {"\"\\f0000\\bdc00\"", NONE, NULL}, /* one-letter escapes followed by hex-looking text */
     {"\"\\\\\\u0000\"", 3, NUL_WHY},    /* \\ then \u0000 */
     {"\"\\\\\\\\u0000\"", NONE, NULL},  /* \\\\ then plain text */
     {"\"\\u0041\\u00e9\\u20AC\"", NONE, NULL},
-    {"\"\\ud800\"", 1, SUR_WHY},        /* lone high, then the closing quote */
+    {"\"\\ud800\"", 1, SUR_WHY}, /* lone high, then the closing quote */
     {"\"\\uDBFF\"", 1, SUR_WHY},
-    {"\"\\udc00\"", 1, SUR_WHY},        /* lone low */
+    {"\"\\udc00\"", 1, SUR_WHY}, /* lone low */
     {"\"\\uDFFF\"", 1, SUR_WHY},
     {"\"\\ud83d\\ude00\"", NONE, NULL}, /* a proper pair */
     {"\"\\uD83D\\uDE00\"", NONE, NULL},
     {"\"\\udbff\\udfff\"", NONE, NULL},
-    {"\"\\ud800\\u0041\"", 1, SUR_WHY}, /* high then a non-surrogate escape */
+    {"\"\\ud800\\u0041\"", 1, SUR_WHY},        /* high then a non-surrogate escape */
     {"\"\\ud800\\ud800\\udc00\"", 1, SUR_WHY}, /* the first high is unpaired */
     {"\"\\ud800\\u0000\"", 1, SUR_WHY},
-    {"\"\\ud800\\n\"", 1, SUR_WHY},     /* high then another escape */
-    {"\"\\ud800\\\\\"", 1, SUR_WHY},    /* high then an escaped backslash */
+    {"\"\\ud800\\n\"", 1, SUR_WHY},      /* high then another escape */
+    {"\"\\ud800\\\\\"", 1, SUR_WHY},     /* high then an escaped backslash */
     {"\"\\ud800x\\udc00\"", 1, SUR_WHY}, /* high then plain text */
     {"\"\\udc00\\ud800\"", 1, SUR_WHY},  /* low then high: both unpaired, the first counts */
     {"\"\\u0000\\ud800\"", 1, NUL_WHY},
     {"\"ok\\u00e9\\u0000\"", 9, NUL_WHY},
     {"{\"k\\u0000\":1}", 3, NUL_WHY}, /* keys too */
-    {"\"\\u12\"", NONE, NULL},           /* not a \u escape yajl accepts; yajl reports that itself */
-    {"\"\\u12\\u0000\"", 5, NUL_WHY},     /* ...and a backslash cutting it starts the next escape */
+    {"\"\\u12\"", NONE, NULL},        /* not a \u escape yajl accepts; yajl reports that itself */
+    {"\"\\u12\\u0000\"", 5, NUL_WHY}, /* ...and a backslash cutting it starts the next escape */
     {"\"\\ud800\\uZZZZ\"", 1, SUR_WHY},
     {"\"a\" \"\\ud83d\" \"\\ude00\"", 5, SUR_WHY}, /* a pair across two strings is no pair */
 };

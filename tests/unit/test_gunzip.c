@@ -218,7 +218,8 @@ static void test_big_random_pieces(void)
     gzip_member(&gz, data, n, 1, false);
     for (int round = 0; round < 4; round++) {
         size_t max_piece = round == 0 ? 1 : round == 1 ? 100 : round == 2 ? 10000 : 1000000;
-        CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, max_piece, 64 * 1024, JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_OK);
+        CHECK_EQ_INT(run_pieces(gz.p, gz.len, NULL, 0, max_piece, 64 * 1024, JI_DEFAULT_MAX_INFLATED_BYTES, &r),
+                     DONE_OK);
         CHECK(same(&r, data, n));
         CHECK(r.finished);
         CHECK(!r.bad);
@@ -280,9 +281,9 @@ static void test_corrupt(void)
         d = run_pieces(gz.p, gz.len, cuts, 1, 0, 4096, JI_DEFAULT_MAX_INFLATED_BYTES, &r);
         gz.p[i] ^= 0x01;
         undetected += d != DONE_ERROR;
-        wrong_kind += d == DONE_ERROR && (r.err.kind != JI_ERR_MALFORMED ||
-                                          strncmp(r.err.message, "corrupt gzip body: ", 19) != 0 ||
-                                          strlen(r.err.message) <= 19);
+        wrong_kind +=
+            d == DONE_ERROR && (r.err.kind != JI_ERR_MALFORMED ||
+                                strncmp(r.err.message, "corrupt gzip body: ", 19) != 0 || strlen(r.err.message) <= 19);
         result_free(&r);
     }
     CHECK_EQ_INT(undetected, 0);
@@ -302,7 +303,8 @@ static void test_corrupt(void)
         result_free(&r);
         cuts[0] = sizeof(json) - 1;
         CHECK_EQ_INT(run_pieces((const unsigned char *)json, sizeof(json) - 1, cuts, 1, 0, 100,
-                                JI_DEFAULT_MAX_INFLATED_BYTES, &r), DONE_ERROR);
+                                JI_DEFAULT_MAX_INFLATED_BYTES, &r),
+                     DONE_ERROR);
         CHECK_EQ_STR(r.err.message, "corrupt gzip body: incorrect header check");
         CHECK_EQ_INT(r.err.line, 0);
         result_free(&r);
@@ -436,7 +438,8 @@ static void test_multi_member(void)
         CHECK_EQ_INT(got, na);
         CHECK(used == gz.len || !ji_gunzip_finished(g)); /* never "finished with bytes left" before b */
         CHECK_EQ_INT(ji_gunzip_run(g, (const char *)gz.p + used, gz.len - used, &used2, out + na, sizeof(out) - na,
-                                   &got2, &err), 0);
+                                   &got2, &err),
+                     0);
         CHECK_EQ_INT(used + used2, gz.len);
         CHECK_EQ_INT(got2, nb);
         CHECK(memcmp(out, ab, na + nb) == 0);

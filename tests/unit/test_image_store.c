@@ -84,9 +84,9 @@ static bool setup(fixture_t *f, bool fsync)
 static bool setup_fast(fixture_t *f)
 {
     struct stat st;
-    return setup_in(f, false, stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0
-                                  ? "/dev/shm"
-                                  : "/tmp");
+    return setup_in(f, false,
+                    stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && access("/dev/shm", W_OK) == 0 ? "/dev/shm"
+                                                                                                       : "/tmp");
 }
 
 static void teardown(fixture_t *f)
@@ -458,9 +458,9 @@ static void test_data_urls(void)
                                  "data:image/png;base64,", /* the bytes decide, not the URL */
                                  "data:image/gif;name=a.gif;base64,",
                                  "Data:image/gif;Base64,"};
-    static const char *bad[] = {
-        "data:image/gif,",       "data:image/gif;base64",          "data:",  "data:base64,", "data:image/gif;base64x,",
-        "data:image/gif;bas64,", "data:text/plain;charset=utf-8,", "data:,", "data:x,"};
+    static const char *bad[] =
+        {"data:image/gif,",       "data:image/gif;base64",          "data:",  "data:base64,", "data:image/gif;base64x,",
+         "data:image/gif;bas64,", "data:text/plain;charset=utf-8,", "data:,", "data:x,"};
     char text[256];
 
     if (!setup(&f, false))
@@ -968,7 +968,8 @@ static void shard_links_second_level(bool openat2)
             struct stat st;
             stored++;
             snprintf(shard, sizeof(shard), "%.5s", info.path);
-            CHECK(fstatat(f.store.dir_fd, shard, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode)); /* not a link */
+            CHECK(fstatat(f.store.dir_fd, shard, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                  S_ISDIR(st.st_mode)); /* not a link */
             CHECK(file_is(&f, info.path, (const unsigned char *)"GIF89a", 6));
         } else {
             refused++;
@@ -1156,9 +1157,17 @@ static void open_file_cases(bool openat2)
             const char *path;
             int err;
         } refused[] = {
-            {"etclink/passwd", ELOOP}, {"passwd", ELOOP},     {"etclink", ELOOP},       {"../outside/passwd", EXDEV},
-            {"ab/../../x", EXDEV},     {"./passwd", EXDEV},   {"ab//cd", EXDEV},        {"/etc/passwd", EXDEV},
-            {"", ENOENT},              {"nosuch/file", ENOENT}, {".pending", EINVAL},
+            {"etclink/passwd", ELOOP},
+            {"passwd", ELOOP},
+            {"etclink", ELOOP},
+            {"../outside/passwd", EXDEV},
+            {"ab/../../x", EXDEV},
+            {"./passwd", EXDEV},
+            {"ab//cd", EXDEV},
+            {"/etc/passwd", EXDEV},
+            {"", ENOENT},
+            {"nosuch/file", ENOENT},
+            {".pending", EINVAL},
         };
         for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
             ji_error_clear(&f.err);

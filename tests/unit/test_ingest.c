@@ -289,9 +289,9 @@ static void test_key_check(void)
     static const struct {
         const char *v;
         size_t len;
-    } bad[] = {{"", 0},          {"\"\"", 2},     {"\"", 1},       {"\"abc", 4},    {"a b", 3},
-               {"a\tb", 3},      {"\xff", 1},     {"caf\xc3\xa9", 5}, {"a\x7f", 2}, {"a\0b", 3},
-               {"\"a\\b\"", 5},  {"\"a\"b\"", 5}, {"\"a b\"", 5}};
+    } bad[] = {{"", 0},         {"\"\"", 2},     {"\"", 1},          {"\"abc", 4}, {"a b", 3},
+               {"a\tb", 3},     {"\xff", 1},     {"caf\xc3\xa9", 5}, {"a\x7f", 2}, {"a\0b", 3},
+               {"\"a\\b\"", 5}, {"\"a\"b\"", 5}, {"\"a b\"", 5}};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         ji_error_clear(&err);
         CHECK_EQ_INT(ji_idempotency_key_check(bad[i].v, bad[i].len, &err), -1);

@@ -232,8 +232,7 @@ static const case_t cases[] = {
      "\"deep\":[[[{\"a\":null}]]]},\"email\":\"e@x\",\"ok\":true,\"f\":false,\"z\":null,\"e\":{},\"a\":[]}\n",
      "R1:n/e@x/0|"},
     {"{\"Name\":5,\"EMAIL\":6,\"images\":7" NE "\n", "R1:n/e@x/0|"}, /* member names are case-sensitive */
-    {"{\"big\":123456789012345678901234567890123456789e999999,\"neg\":-1.5e-99999,\"i\":-0" NE "\n",
-     "R1:n/e@x/0|"},
+    {"{\"big\":123456789012345678901234567890123456789e999999,\"neg\":-1.5e-99999,\"i\":-0" NE "\n", "R1:n/e@x/0|"},
     {"{\"name\":\"a\\nb\\\"c\\/d\\u00e9\\ud83d\\ude00\\\\u0000\",\"email\":\"x@y\"}\n",
      "R1:a\nb\"c/d\xc3\xa9\xf0\x9f\x98\x80\\u0000/x@y/0|"},
     {"{\"name\":\"\xc5\xbd\xc3\xa1k \xe6\x97\xa5\xf0\x9f\x98\x80\",\"email\":\"\xc3\xa9@\xc3\xa9.fr\"}\n",
@@ -268,8 +267,10 @@ static const case_t cases[] = {
     {"{\"name\":\"\",\"email\":\"a@b\"}\n", "E1:422:name:name is empty|"},
     {"{\"name\":\"a\",\"email\":\"\"}\n", "E1:422:email:email is empty|"},
     {"{\"name\":\"a\",\"email\":\"ab\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
-    {"{\"name\":\"a\",\"email\":\"a@@b\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
-    {"{\"name\":\"a\",\"email\":\"a@b@c\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
+    {"{\"name\":\"a\",\"email\":\"a@@b\"}\n",
+     "E1:422:email:email must contain exactly one '@' with text on both sides|"},
+    {"{\"name\":\"a\",\"email\":\"a@b@c\"}\n",
+     "E1:422:email:email must contain exactly one '@' with text on both sides|"},
     {"{\"name\":\"a\",\"email\":\"@b\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
     {"{\"name\":\"a\",\"email\":\"a@\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
     {"{\"name\":\"a\",\"email\":\"@\"}\n", "E1:422:email:email must contain exactly one '@' with text on both sides|"},
@@ -374,9 +375,10 @@ static char *repeat(const char *prefix, const char *unit, size_t n, const char *
 
 static void test_lengths(void)
 {
-    static const char *const units[] = {"a", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\\u00e9", "\\ud83d\\ude00"};
-    static const char *const decoded[] = {"a", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\xc3\xa9",
-                                          "\xf0\x9f\x98\x80"};
+    static const char *const units[] = {"a",       "\xc3\xa9",      "\xe2\x82\xac", "\xf0\x9f\x98\x80",
+                                        "\\u00e9", "\\ud83d\\ude00"};
+    static const char *const decoded[] = {"a",        "\xc3\xa9",        "\xe2\x82\xac", "\xf0\x9f\x98\x80",
+                                          "\xc3\xa9", "\xf0\x9f\x98\x80"};
     int wrong = 0;
     for (size_t u = 0; u < sizeof(units) / sizeof(units[0]); u++) {
         size_t len, nlen, want_len;
@@ -420,7 +422,7 @@ static void test_lengths(void)
 
 /* ---- several lines, skip mode: every error named with its line, the good records delivered ---- */
 
-static const char skip_body[] = "{\"name\":\"a\",\"email\":\"a@b\"}\n"                      /* 1 */
+static const char skip_body[] = "{\"name\":\"a\",\"email\":\"a@b\"}\n"                     /* 1 */
                                 "{\"name\":\"b\",\"email\":\"bad\"}\r\n"                   /* 2 */
                                 "\n"                                                       /* 3 */
                                 "{\"name\":\"c\",\"email\":\"c@d\",\"image\":\"aW1n\"}\n"  /* 4 */
@@ -582,8 +584,8 @@ static void test_many_records(void)
     size_t cap = 20000 * 64, len = 0;
     char *body = malloc(cap);
     for (int i = 0; i < 20000; i++)
-        len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"user%d\",\"email\":\"u%d@x.org\",\"n\":%d}%s", i,
-                                i, i, i % 3 == 0 ? "\r\n" : "\n");
+        len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"user%d\",\"email\":\"u%d@x.org\",\"n\":%d}%s", i, i,
+                                i, i % 3 == 0 ? "\r\n" : "\n");
     drv_t d;
     drv_init(&d, false);
     CHECK(drv_feed(&d, body, len));

@@ -20,7 +20,8 @@ static void test_framing(void)
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Length: 12\r\n\r\n", &h, &err), 0);
     CHECK(h.has_length && h.content_length == 12 && h.keep_alive && ji_request_has_body(&h));
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Len", &h, &err), 1);
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", &h, &err), -1);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", &h, &err),
+                 -1);
     CHECK_EQ_INT(err.kind, JI_ERR_MALFORMED);
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &h, &err), -1);
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n", &h, &err), 0);
@@ -48,7 +49,8 @@ static void test_duplicates_and_limits(void)
     char *big;
     size_t n = 0;
 
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n", &h, &err), -1);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n", &h, &err),
+                 -1);
     CHECK(strstr(err.message, "Authorization") != NULL);
     CHECK_EQ_INT(parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", &h, &err), -1);
     CHECK_EQ_INT(parse("GET / HTTP/1.1\r\nIdempotency-Key: a\r\nIdempotency-Key: a\r\n\r\n", &h, &err), -1);
@@ -90,8 +92,9 @@ static void test_routes(void)
     CHECK_EQ_STR(r.allow, "GET, HEAD");
     CHECK_EQ_INT(route("DELETE", "/users", &r, &err), -1);
     CHECK_EQ_STR(r.allow, "GET, HEAD, POST");
-    static const char *const not_found[] = {"/users/", "/./users", "/%75sers", "/x/../users", "/users/1/", "/users/1/imag",
-                                            "/users//image", "/USERS", "/healthz/", "", "/"};
+    static const char *const not_found[] =
+        {"/users/",   "/./users", "/%75sers", "/x/../users", "/users/1/", "/users/1/imag", "/users//image", "/USERS",
+         "/healthz/", "",         "/"};
     for (size_t i = 0; i < sizeof(not_found) / sizeof(not_found[0]); i++) {
         CHECK_EQ_INT(route("POST", not_found[i], &r, &err), -1);
         CHECK_EQ_INT(err.kind, JI_ERR_NOT_FOUND);
@@ -104,16 +107,24 @@ static void test_routes(void)
 
 static void test_policy(void)
 {
-    ji_request_policy_t p = {.token = "0123456789abcdef", .token_len = 16, .allowed_origins = "http://a.example, http://b.example:81",
+    ji_request_policy_t p = {.token = "0123456789abcdef",
+                             .token_len = 16,
+                             .allowed_origins = "http://a.example, http://b.example:81",
                              .allowed_hosts = "localhost,127.0.0.1,[::1]"};
     ji_request_head_t h;
     ji_error_t err;
 
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost:8000\r\nAuthorization: Bearer 0123456789abcdef\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost:8000\r\nAuthorization: Bearer 0123456789abcdef\r\n\r\n",
+                       &h, &err),
+                 0);
     CHECK_EQ_INT(ji_request_check_policy(&h, &p, true, true, &err), 0);
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost\r\nAuthorization: bearer   0123456789abcdef\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost\r\nAuthorization: bearer   0123456789abcdef\r\n\r\n",
+                       &h, &err),
+                 0);
     CHECK_EQ_INT(ji_request_check_policy(&h, &p, true, true, &err), 0);
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer 0123456789abcdeX\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer 0123456789abcdeX\r\n\r\n", &h,
+                       &err),
+                 0);
     CHECK_EQ_INT(ji_request_check_policy(&h, &p, true, true, &err), -1);
     CHECK_EQ_INT(err.kind, JI_ERR_UNAUTHORIZED);
     CHECK_EQ_INT(ji_request_check_policy(&h, &p, false, true, &err), 0); /* a read route takes no token */
@@ -142,11 +153,14 @@ static void test_upload_options(void)
     ji_error_t err;
 
     CHECK_EQ_INT(parse("POST /users?on_error=skip&format=array HTTP/1.1\r\nContent-Encoding: gzip\r\n"
-                       "Idempotency-Key: \"k-1\"\r\n\r\n", &h, &err), 0);
+                       "Idempotency-Key: \"k-1\"\r\n\r\n",
+                       &h, &err),
+                 0);
     CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), 0);
     CHECK(o.skip_errors && o.format == JI_FORMAT_ARRAY && o.encoding == JI_ENCODING_GZIP);
     CHECK_EQ_STR(o.idempotency_key, "k-1");
-    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Type: application/x-ndjson; charset=utf-8\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Type: application/x-ndjson; charset=utf-8\r\n\r\n", &h, &err),
+                 0);
     CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), 0);
     CHECK_EQ_INT(o.format, JI_FORMAT_JSONL);
     CHECK_EQ_INT(parse("POST /users?format=xml HTTP/1.1\r\n\r\n", &h, &err), 0);

@@ -108,8 +108,8 @@ static void test_embedded_nul_and_length(void)
 /* A result of JI_USER_COLUMNS with one row; NULL values are SQL NULLs. The caller PQclear()s it. */
 static PGresult *user_result(const char *const values[JI_USER_NCOLS])
 {
-    static const char *const names[JI_USER_NCOLS] = {"user_id", "name", "email", "has_image", "image_type",
-                                                     "image_size", "batch_id", "created_at"};
+    static const char *const names[JI_USER_NCOLS] = {"user_id",    "name",       "email",    "has_image",
+                                                     "image_type", "image_size", "batch_id", "created_at"};
     PGresAttDesc attrs[JI_USER_NCOLS];
     PGresult *res = PQmakeEmptyPGresult(NULL, PGRES_TUPLES_OK);
 
@@ -149,8 +149,8 @@ static char *row_text(const PGresult *res, bool csv, ji_csv_formulas_t formulas)
 
 static void test_row_with_image(void)
 {
-    const char *v[JI_USER_NCOLS] = {"42", "Smith, \"Bob\"", "bob@example.com", "t", "image/png", "452", "7",
-                                    "2024-05-01T12:34:56.123456Z"};
+    const char *v[JI_USER_NCOLS] =
+        {"42", "Smith, \"Bob\"", "bob@example.com", "t", "image/png", "452", "7", "2024-05-01T12:34:56.123456Z"};
     PGresult *res = user_result(v);
 
     CHECK_ROW(res, false, JI_CSV_FORMULAS_NEUTRALISE,
@@ -178,8 +178,8 @@ static void test_row_without_image(void)
 
 static void test_row_formulas(void)
 {
-    const char *v[JI_USER_NCOLS] = {"3", "=HYPERLINK(\"http://x\")", "-x@y.z", "f", NULL, NULL, "9",
-                                    "2024-05-01T00:00:00.000000Z"};
+    const char *v[JI_USER_NCOLS] = {"3", "=HYPERLINK(\"http://x\")",   "-x@y.z", "f", NULL, NULL,
+                                    "9", "2024-05-01T00:00:00.000000Z"};
     PGresult *res = user_result(v);
 
     /* every text cell is neutralised, names and e-mails alike; JSON is not a spreadsheet format: unchanged */

@@ -57,39 +57,39 @@ static void test_known_valid(void)
 {
     CHECK(ji_utf8_valid("", 0));
     CHECK(valid_lit("plain ascii"));
-    CHECK(valid_lit("\xc2\x80"));             /* U+0080 */
-    CHECK(valid_lit("\xdf\xbf"));             /* U+07FF */
-    CHECK(valid_lit("\xe0\xa0\x80"));         /* U+0800 */
-    CHECK(valid_lit("\xed\x9f\xbf"));         /* U+D7FF */
-    CHECK(valid_lit("\xee\x80\x80"));         /* U+E000 */
-    CHECK(valid_lit("\xef\xbf\xbf"));         /* U+FFFF */
-    CHECK(valid_lit("\xf0\x90\x80\x80"));     /* U+10000 */
-    CHECK(valid_lit("\xf4\x8f\xbf\xbf"));     /* U+10FFFF */
+    CHECK(valid_lit("\xc2\x80"));         /* U+0080 */
+    CHECK(valid_lit("\xdf\xbf"));         /* U+07FF */
+    CHECK(valid_lit("\xe0\xa0\x80"));     /* U+0800 */
+    CHECK(valid_lit("\xed\x9f\xbf"));     /* U+D7FF */
+    CHECK(valid_lit("\xee\x80\x80"));     /* U+E000 */
+    CHECK(valid_lit("\xef\xbf\xbf"));     /* U+FFFF */
+    CHECK(valid_lit("\xf0\x90\x80\x80")); /* U+10000 */
+    CHECK(valid_lit("\xf4\x8f\xbf\xbf")); /* U+10FFFF */
     CHECK(valid_lit("Vladimír Žák 😀 日本"));
     CHECK(ji_utf8_valid("a\0b", 3)); /* NUL is valid UTF-8; the record rules reject it */
 }
 
 static void test_known_invalid(void)
 {
-    CHECK(!valid_lit("\xc0\xaf"));             /* overlong '/' */
-    CHECK(!valid_lit("\xc1\xbf"));             /* overlong */
-    CHECK(!valid_lit("\xe0\x80\xaf"));         /* overlong */
-    CHECK(!valid_lit("\xe0\x9f\xbf"));         /* overlong U+07FF */
-    CHECK(!valid_lit("\xf0\x80\x80\xaf"));     /* overlong */
-    CHECK(!valid_lit("\xf0\x8f\xbf\xbf"));     /* overlong U+FFFF */
-    CHECK(!valid_lit("\xed\xa0\x80"));         /* U+D800 */
-    CHECK(!valid_lit("\xed\xb0\x80"));         /* U+DC00 */
-    CHECK(!valid_lit("\xed\xbf\xbf"));         /* U+DFFF */
-    CHECK(!valid_lit("\xf4\x90\x80\x80"));     /* U+110000 */
+    CHECK(!valid_lit("\xc0\xaf"));         /* overlong '/' */
+    CHECK(!valid_lit("\xc1\xbf"));         /* overlong */
+    CHECK(!valid_lit("\xe0\x80\xaf"));     /* overlong */
+    CHECK(!valid_lit("\xe0\x9f\xbf"));     /* overlong U+07FF */
+    CHECK(!valid_lit("\xf0\x80\x80\xaf")); /* overlong */
+    CHECK(!valid_lit("\xf0\x8f\xbf\xbf")); /* overlong U+FFFF */
+    CHECK(!valid_lit("\xed\xa0\x80"));     /* U+D800 */
+    CHECK(!valid_lit("\xed\xb0\x80"));     /* U+DC00 */
+    CHECK(!valid_lit("\xed\xbf\xbf"));     /* U+DFFF */
+    CHECK(!valid_lit("\xf4\x90\x80\x80")); /* U+110000 */
     CHECK(!valid_lit("\xf5\x80\x80\x80"));
     CHECK(!valid_lit("\xff"));
     CHECK(!valid_lit("\xfe"));
-    CHECK(!valid_lit("\x80"));                 /* stray continuation */
+    CHECK(!valid_lit("\x80")); /* stray continuation */
     CHECK(!valid_lit("a\xbf"));
-    CHECK(!valid_lit("\xc3"));                 /* truncated */
-    CHECK(!valid_lit("\xe2\x82"));             /* truncated */
-    CHECK(!valid_lit("\xf0\x9f\x98"));         /* truncated */
-    CHECK(!valid_lit("\xc3\x41"));             /* continuation missing */
+    CHECK(!valid_lit("\xc3"));         /* truncated */
+    CHECK(!valid_lit("\xe2\x82"));     /* truncated */
+    CHECK(!valid_lit("\xf0\x9f\x98")); /* truncated */
+    CHECK(!valid_lit("\xc3\x41"));     /* continuation missing */
     CHECK(!valid_lit("\xe2\x28\xa1"));
     CHECK(!valid_lit("\xf0\x9f\x98\x41"));
     /* truncation by the length, not by a NUL */
