@@ -11,7 +11,10 @@
 #ifndef JI_FRONT_DOOR_H
 #define JI_FRONT_DOOR_H
 
-#include "server.h"
+#include <h2o.h>
+#include <stdbool.h>
+
+typedef struct st_ji_worker_t ji_worker_t;
 
 /** Takes over a newly accepted connection. */
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock);

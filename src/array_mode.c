@@ -248,10 +248,8 @@ static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **t
     if (g == NULL || buf == NULL)
         goto NoMemory;
     while (!ji_gunzip_finished(g)) {
-        if (off == req->entity.len) {
-            ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "corrupt gzip body: truncated");
+        if (ji_gunzip_check_end(g, 0, off == req->entity.len, err) != 0)
             goto Error;
-        }
         if (len == cap) { /* never at `room`: the inflater fails first */
             size_t next = cap > room / 2 ? room : cap * 2;
             if ((bigger = realloc(buf, next + 1)) == NULL)
@@ -268,10 +266,8 @@ static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **t
         off += used;
         len += out;
     }
-    if (off != req->entity.len) {
-        ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "data after the end of the gzip body");
+    if (ji_gunzip_check_end(g, req->entity.len - off, true, err) != 0)
         goto Error;
-    }
     ji_gunzip_free(g);
     buf[len] = '\0';
     *text = buf;

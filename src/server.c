@@ -32,8 +32,6 @@
 #include "json_text.h"
 #include "schema.h"
 
-/** h2o's deadline for a whole buffered request (head and body) on its own routes. */
-#define JI_H2O_REQUEST_TIMEOUT_MS (10 * 60 * 1000)
 
 /* ------------------------------------------------------------------ h2o handlers */
 
@@ -360,8 +358,8 @@ static void configure_h2o(ji_server_t *server)
     h2o_hostconf_t *host;
 
     h2o_config_init(conf);
-    conf->http1.req_timeout = JI_H2O_REQUEST_TIMEOUT_MS;
-    conf->max_request_entity_size = server->config->max_array_bytes;
+    /* h2o never reads a connection (the front door does, h2o_bridge.c hands it requests): no h2o timeouts or
+     * body limits apply */
     host = h2o_config_register_host(conf, h2o_iovec_init(H2O_STRLIT("default")), 65535);
     ji_health_register(host);
     ji_metrics_register(host);
