@@ -20,8 +20,10 @@ typedef struct st_ji_worker_t ji_worker_t;
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock);
 
 /**
- * Shutdown: closes connections idle between requests (answers in flight finish first, then their connections
- * close). With `grace_over`, uploads still receiving their body are answered 503.
+ * Shutdown, called again and again while the loop drains: once no request is in flight on this worker, closes
+ * the connections idle between requests (until then they may still ask, e.g. /readyz learns "stopping"; every
+ * answer during the drain closes its connection). With `grace_over`, uploads still receiving their body are
+ * answered 503.
  */
 void ji_front_door_drain(ji_worker_t *w, bool grace_over);
 

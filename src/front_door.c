@@ -101,10 +101,6 @@ static void start_next_request(ji_conn_t *c)
     c->body_unread = false;
     c->close_after = c->response_pending = false;
     ji_text_free(&c->response);
-    if (atomic_load_explicit(&c->worker->server->stopping, memory_order_relaxed) && c->sock->input->size == 0) {
-        ji_conn_close(c); /* draining: an idle connection closes at once */
-        return;
-    }
     ji_conn_resume_reading(c, on_read_head);
     if (c->sock->input->size != 0)
         process_head(c); /* a pipelined request is already here */
@@ -384,17 +380,30 @@ void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
     start_next_request(c);
 }
 
+static bool conn_is_idle(const ji_conn_t *c)
+{
+    return c->state == JI_CONN_HEAD && c->sock->input->size == 0;
+}
+
 void ji_front_door_drain(ji_worker_t *w, bool grace_over)
 {
     h2o_linklist_t *node, *next;
+    bool busy = false;
 
     for (node = w->conns.next; node != &w->conns; node = next) {
         ji_conn_t *c = H2O_STRUCT_FROM_MEMBER(ji_conn_t, link, node);
         next = node->next;
-        if (c->state == JI_CONN_HEAD && c->sock->input->size == 0)
-            ji_conn_close(c); /* idle between requests */
-        else if (grace_over && c->state == JI_CONN_UPLOAD && c->upload != NULL)
+        if (!conn_is_idle(c))
+            busy = true;
+        if (grace_over && c->state == JI_CONN_UPLOAD && c->upload != NULL)
             ji_upload_stop(c->upload);
+    }
+    if (busy)
+        return; /* idle connections stay while others drain: a health check on one learns "stopping", then it closes */
+    for (node = w->conns.next; node != &w->conns; node = next) {
+        ji_conn_t *c = H2O_STRUCT_FROM_MEMBER(ji_conn_t, link, node);
+        next = node->next;
+        ji_conn_close(c);
     }
 }
 

@@ -392,3 +392,28 @@ def test_per_client_cap_behind_a_trusted_proxy(start_server, db):
     finally:
         held.close()
     assert db.count_users() == 2
+
+
+def test_readyz_says_stopping_on_a_kept_alive_connection_during_the_drain(start_server, db):
+    srv = start_server(args=["--min-body-rate", "0"])
+    body = record(1) + record(2)
+    probe = helpers.HTTPConn(srv.host, srv.port)
+    upload = helpers.HTTPConn(srv.host, srv.port, timeout=15)
+    try:
+        probe.send(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert probe.read_response().status == 200
+        upload.send(helpers.post_head("/users", length=len(body)) + body[:10])
+        time.sleep(0.3)
+        srv.proc.send_signal(15)
+        time.sleep(0.5)
+        probe.send(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        r = probe.read_response()
+        assert r.status == 503 and r.json()["status"] == "stopping", r
+        assert r.headers.get("connection") == "close"
+        upload.send(body[10:])
+        assert upload.read_response().status == 200
+        assert srv.proc.wait(10) == 0
+    finally:
+        probe.close()
+        upload.close()
+    assert db.count_users() == 2
