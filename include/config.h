@@ -32,12 +32,19 @@ typedef struct st_ji_config_t {
     const char *trusted_proxies;     /**< --trusted-proxies: CIDR list whose X-Forwarded-For is believed; NULL: none */
     unsigned shutdown_grace_s;  /**< after SIGTERM, seconds uploads may take before they get 503 (--shutdown-grace) */
     unsigned idempotency_ttl_s; /**< seconds a committed Idempotency-Key answers retries (--idempotency-ttl) */
+    uint64_t max_memory;        /**< what all requests together may hold (--max-memory) */
     size_t max_array_memory;    /**< most bytes one JSON-array request may hold (--max-array-memory) */
     size_t array_memory_budget; /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */
 int ji_config_parse(ji_config_t *cfg, int argc, char **argv) JI_MUST_CHECK;
+
+/**
+ * What one upload reserves from --max-memory before its body is read: JI_UPLOAD_FIXED_BYTES plus, for JSON Lines,
+ * JI_UPLOAD_RECORD_FACTOR records of --max-record-bytes, or for a JSON array its --max-array-memory.
+ */
+uint64_t ji_config_upload_memory(const ji_config_t *cfg, bool array);
 
 /** Prints --help to `out`. */
 void ji_config_usage(const char *argv0, void *out);

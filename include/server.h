@@ -11,7 +11,7 @@
 #include <stdatomic.h>
 #include "client_addr.h"
 #include "client_slots.h"
-#include "array_budget.h"
+#include "budget.h"
 #include "common.h"
 #include "config.h"
 #include "image_store.h"
@@ -35,7 +35,8 @@ typedef struct st_ji_server_t {
     ji_request_policy_t policy;     /**< token, allowed origins and hosts: what every request head is checked against */
     ji_client_slots_t client_slots; /**< uploads running per client (--max-client-ingests) */
     ji_trusted_proxies_t trusted_proxies; /**< --trusted-proxies */
-    ji_array_budget_t array_budget;       /**< memory of JSON-array requests, all workers (--array-memory-budget) */
+    ji_budget_t memory_budget;            /**< what all uploads hold, all workers (--max-memory) */
+    ji_budget_t array_budget;             /**< memory of JSON-array requests, all workers (--array-memory-budget) */
 } ji_server_t;
 
 /** Counters of one worker outside its ingests (relaxed atomics, read by /metrics from any thread). */

@@ -116,6 +116,22 @@
 /** Out of file descriptors, accepting pauses this long (ms) instead of spinning on a readable listener. */
 #define JI_ACCEPT_PAUSE_MS 100
 
+/**
+ * Default for --max-memory: what all requests of the process together may hold (a small VM's share). Uploads
+ * reserve their worst case before their body is read; past the budget they get 503 with Retry-After.
+ */
+#define JI_DEFAULT_MAX_MEMORY (512ull * 1024 * 1024)
+/**
+ * What one upload holds besides its records, reserved from --max-memory: the inflate buffer, the COPY buffer and
+ * its slack, two socket reads in the input buffer, and the parser's and ingest's own state, rounded up.
+ */
+#define JI_UPLOAD_FIXED_BYTES (1024u * 1024)
+/**
+ * A JSON Lines upload also reserves this many times --max-record-bytes: one record is held whole by yajl, whose
+ * buffer grows by doubling, so it may take up to twice the record's bytes.
+ */
+#define JI_UPLOAD_RECORD_FACTOR 2
+
 /* ---- database ---- */
 /** Idle database connections kept per worker. */
 #define JI_PG_MAX_IDLE 4

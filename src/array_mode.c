@@ -291,7 +291,7 @@ int ji_array_mode_admit(ji_worker_t *w, ji_array_admission_t *adm, ji_error_t *e
     uint64_t cap = server->config->max_array_memory;
 
     memset(adm, 0, sizeof(*adm));
-    if (!ji_array_budget_reserve(&server->array_budget, cap)) {
+    if (!ji_budget_reserve(&server->array_budget, cap)) {
         return ji_error_set(err, JI_ERR_BUSY, 0, NULL,
                             "JSON-array requests in progress hold the --array-memory-budget (%zu bytes): retry later",
                             server->config->array_memory_budget);
@@ -306,7 +306,7 @@ void ji_array_mode_release(ji_array_admission_t *adm)
     if (adm->worker == NULL)
         return;
     if (adm->reserved != 0)
-        ji_array_budget_release(&adm->worker->server->array_budget, adm->reserved);
+        ji_budget_release(&adm->worker->server->array_budget, adm->reserved);
     memset(adm, 0, sizeof(*adm));
 }
 
@@ -314,7 +314,7 @@ void ji_array_mode_release(ji_array_admission_t *adm)
 static void keep_reserved(array_req_t *a, uint64_t need)
 {
     if (need < a->admission.reserved) {
-        ji_array_budget_release(&a->worker->server->array_budget, a->admission.reserved - need);
+        ji_budget_release(&a->worker->server->array_budget, a->admission.reserved - need);
         a->admission.reserved = need;
     }
 }

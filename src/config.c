@@ -21,53 +21,53 @@
 
 void ji_config_usage(const char *argv0, void *out)
 {
-    fprintf(
-        (FILE *)out,
-        "usage: %s [options]        serve POST /users and friends\n"
-        "       %s gc [options]     remove image files left by interrupted requests\n"
-        "\n"
-        "options:\n"
-        "  --listen HOST:PORT        address to serve on (default " JI_DEFAULT_LISTEN ")\n"
-        "  --db CONNINFO             PostgreSQL conninfo or URL (default: $DATABASE_URL, else libpq's PG* variables)\n"
-        "  --images-dir DIR          where image files go (default ./" JI_DEFAULT_IMAGES_DIR ")\n"
-        "  --threads N               event-loop threads (default: number of CPUs)\n"
-        "  --max-record-bytes N      longest line one record may take (default %u)\n"
-        "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n"
-        "  --fsync on|off            make image files durable before COMMIT (default on)\n"
-        "  --token-file F            require 'Authorization: Bearer <token>' on POST; the token is F's first line\n"
-        "                            (at least " JI_STR(
-            JI_MIN_TOKEN_BYTES) " bytes)\n"
-                                "  --max-ingests N           POST /users requests running at once; more get 503 "
-                                "(default %u)\n"
-                                "  --idle-timeout S          cut a request whose head or body stalls this many seconds "
-                                "(default %u)\n"
-                                "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n"
-                                "  --allowed-origins LIST    Origin values allowed to send requests, comma-separated, "
-                                "'*' any (default none:\n"
-                                "                            a request with an Origin header is 403; curl sends none)\n"
-                                "  --allowed-hosts LIST      Host names allowed, comma-separated, '*' any (default: on "
-                                "a loopback listener\n"
-                                "                            localhost,127.0.0.1,::1 only, else any)\n"
-                                "  --max-client-ingests N    uploads one client address may run at once; 0 no cap "
-                                "(default %u)\n"
-                                "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 "
-                                "off (default %u)\n"
-                                "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n"
-                                "  --trusted-proxies LIST    CIDR blocks of proxies whose X-Forwarded-For names the "
-                                "client (default none)\n"
-                                "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get "
-                                "503 (default %u)\n"
-                                "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default "
-                                "%u)\n"
-                                "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree "
-                                "(default %u)\n"
-                                "  --array-memory-budget N   most bytes all JSON-array requests may hold together "
-                                "(default %u)\n"
-                                "  --help                    this text\n",
-        argv0, argv0, JI_DEFAULT_MAX_RECORD_BYTES, JI_DEFAULT_MAX_ARRAY_BYTES, JI_DEFAULT_MAX_INGESTS,
-        JI_DEFAULT_IDLE_TIMEOUT_S, (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES, JI_DEFAULT_MAX_CLIENT_INGESTS,
-        JI_DEFAULT_MIN_BODY_RATE, JI_DEFAULT_MIN_BODY_RATE_WINDOW_S, JI_DEFAULT_SHUTDOWN_GRACE_S,
-        JI_DEFAULT_IDEMPOTENCY_TTL_S, JI_DEFAULT_MAX_ARRAY_MEMORY, JI_DEFAULT_ARRAY_MEMORY_BUDGET);
+    FILE *f = out;
+
+    fprintf(f, "usage: %s [options]        serve POST /users and friends\n", argv0);
+    fprintf(f, "       %s gc [options]     remove image files left by interrupted requests\n\noptions:\n", argv0);
+    fprintf(f, "  --listen HOST:PORT        address to serve on (default %s)\n", JI_DEFAULT_LISTEN);
+    fprintf(f, "  --db CONNINFO             PostgreSQL conninfo or URL (default: $DATABASE_URL, else libpq's PG* "
+               "variables)\n");
+    fprintf(f, "  --images-dir DIR          where image files go (default ./%s)\n", JI_DEFAULT_IMAGES_DIR);
+    fprintf(f, "  --threads N               event-loop threads (default: number of CPUs)\n");
+    fprintf(f, "  --max-record-bytes N      longest line one record may take (default %u)\n",
+            JI_DEFAULT_MAX_RECORD_BYTES);
+    fprintf(f, "  --max-array-bytes N       largest body in JSON-array mode (default %u)\n",
+            JI_DEFAULT_MAX_ARRAY_BYTES);
+    fprintf(f, "  --fsync on|off            make image files durable before COMMIT (default on)\n");
+    fprintf(f,
+            "  --token-file F            require 'Authorization: Bearer <token>' on POST; the token is F's first "
+            "line\n                            (at least %u bytes)\n",
+            JI_MIN_TOKEN_BYTES);
+    fprintf(f, "  --max-ingests N           POST /users requests running at once; more get 503 (default %u)\n",
+            JI_DEFAULT_MAX_INGESTS);
+    fprintf(f, "  --max-client-ingests N    uploads one client address may run at once; 0 no cap (default %u)\n",
+            JI_DEFAULT_MAX_CLIENT_INGESTS);
+    fprintf(f, "  --max-memory N            most bytes all uploads together may hold; past it 503 (default %llu)\n",
+            (unsigned long long)JI_DEFAULT_MAX_MEMORY);
+    fprintf(f, "  --idle-timeout S          cut a request whose head or body stalls this many seconds (default %u)\n",
+            JI_DEFAULT_IDLE_TIMEOUT_S);
+    fprintf(f, "  --min-body-rate N         bytes/s an upload body must keep up over the window; 0 off (default %u)\n",
+            JI_DEFAULT_MIN_BODY_RATE);
+    fprintf(f, "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n",
+            JI_DEFAULT_MIN_BODY_RATE_WINDOW_S);
+    fprintf(f, "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n",
+            (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
+    fprintf(f, "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n",
+            JI_DEFAULT_MAX_ARRAY_MEMORY);
+    fprintf(f, "  --array-memory-budget N   most bytes all JSON-array requests may hold together (default %u)\n",
+            JI_DEFAULT_ARRAY_MEMORY_BUDGET);
+    fprintf(f, "  --allowed-origins LIST    Origin values allowed to send requests, comma-separated, '*' any\n"
+               "                            (default none: a request with an Origin header is 403; curl sends none)\n");
+    fprintf(f, "  --allowed-hosts LIST      Host names allowed, comma-separated, '*' any (default: on a loopback\n"
+               "                            listener localhost,127.0.0.1,[::1] only, else any)\n");
+    fprintf(f, "  --trusted-proxies LIST    CIDR blocks of proxies whose X-Forwarded-For names the client (default "
+               "none)\n");
+    fprintf(f, "  --idempotency-ttl S       seconds a used Idempotency-Key answers retries (default %u)\n",
+            JI_DEFAULT_IDEMPOTENCY_TTL_S);
+    fprintf(f, "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n",
+            JI_DEFAULT_SHUTDOWN_GRACE_S);
+    fprintf(f, "  --help                    this text\n");
 }
 
 /* `s` as a decimal number: digits only, at least one, no overflow. 0, or -1 (nothing printed). */
@@ -160,6 +160,12 @@ Bad:
     return -1;
 }
 
+uint64_t ji_config_upload_memory(const ji_config_t *cfg, bool array)
+{
+    return JI_UPLOAD_FIXED_BYTES +
+           (array ? (uint64_t)cfg->max_array_memory : (uint64_t)JI_UPLOAD_RECORD_FACTOR * cfg->max_record_bytes);
+}
+
 int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
 {
     enum {
@@ -182,6 +188,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_SHUTDOWN_GRACE,
         OPT_TRUSTED_PROXIES,
         OPT_IDEMPOTENCY_TTL,
+        OPT_MAX_MEMORY,
         OPT_MAX_ARRAY_MEMORY,
         OPT_ARRAY_MEMORY_BUDGET,
         OPT_HELP
@@ -206,6 +213,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"shutdown-grace", required_argument, NULL, OPT_SHUTDOWN_GRACE},
         {"trusted-proxies", required_argument, NULL, OPT_TRUSTED_PROXIES},
         {"idempotency-ttl", required_argument, NULL, OPT_IDEMPOTENCY_TTL},
+        {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
         {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
         {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
         {"help", no_argument, NULL, OPT_HELP},
@@ -233,6 +241,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->min_body_rate_window_s = JI_DEFAULT_MIN_BODY_RATE_WINDOW_S;
     cfg->shutdown_grace_s = JI_DEFAULT_SHUTDOWN_GRACE_S;
     cfg->idempotency_ttl_s = JI_DEFAULT_IDEMPOTENCY_TTL_S;
+    cfg->max_memory = JI_DEFAULT_MAX_MEMORY;
     cfg->max_array_memory = JI_DEFAULT_MAX_ARRAY_MEMORY;
     cfg->array_memory_budget = JI_DEFAULT_ARRAY_MEMORY_BUDGET;
 
@@ -275,6 +284,10 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             break;
         case OPT_MAX_ARRAY:
             if (parse_size("--max-array-bytes", optarg, &cfg->max_array_bytes) != 0)
+                return -1;
+            break;
+        case OPT_MAX_MEMORY:
+            if (parse_number("--max-memory", optarg, "bytes", 1, UINT64_MAX / 4, NULL, &cfg->max_memory) != 0)
                 return -1;
             break;
         case OPT_MAX_ARRAY_MEMORY:
@@ -350,6 +363,14 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
                 "--array-memory-budget (%zu) is smaller than --max-array-memory (%zu): no array request "
                 "could run\n",
                 cfg->array_memory_budget, cfg->max_array_memory);
+        return -1;
+    }
+    if (ji_config_upload_memory(cfg, false) > cfg->max_memory || ji_config_upload_memory(cfg, true) > cfg->max_memory) {
+        fprintf(stderr,
+                "--max-memory (%llu) is smaller than what one upload may hold (%llu bytes for JSON Lines with "
+                "--max-record-bytes, %llu for a JSON array with --max-array-memory): no upload could run\n",
+                (unsigned long long)cfg->max_memory, (unsigned long long)ji_config_upload_memory(cfg, false),
+                (unsigned long long)ji_config_upload_memory(cfg, true));
         return -1;
     }
     if (optind < argc) {

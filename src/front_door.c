@@ -123,6 +123,10 @@ static void on_linger_read(h2o_socket_t *sock, const char *err)
 static void after_answer(ji_conn_t *c, bool reusable)
 {
     c->requests_served = true;
+    if (c->upload != NULL) { /* its places and memory go with its answer */
+        ji_upload_free(c->upload);
+        c->upload = NULL;
+    }
     if (reusable && c->keep_alive && !c->body_unread &&
         !atomic_load_explicit(&c->worker->server->stopping, memory_order_relaxed)) {
         start_next_request(c);
@@ -254,10 +258,6 @@ static void on_bridge_done(void *owner, ji_bridge_end_t end)
 
     c->bridge = NULL;
     c->sock->data = c;
-    if (c->upload != NULL) { /* a JSON-array upload: its body and places go with its answer */
-        ji_upload_free(c->upload);
-        c->upload = NULL;
-    }
     if (end == JI_BRIDGE_FAILED) {
         ji_conn_close(c); /* a write may be pending: closing drops it */
         return;

@@ -30,7 +30,7 @@ typedef struct st_totals_t {
     uint64_t errors[JI_ERR_KIND_COUNT];
     uint64_t limit_record_bytes;
     /* admission (ji_worker_stats_t) */
-    uint64_t limit_ingests, refused_db;
+    uint64_t limit_ingests, refused_db, limit_client_ingests, limit_body_rate, connections_open, accept_paused;
     /* database pools */
     uint64_t pg_idle, pg_busy;
     /* the process */
@@ -57,6 +57,10 @@ static void gather_admission(totals_t *t, ji_worker_stats_t *s)
 {
     t->limit_ingests += LOAD(s->limit_ingests);
     t->refused_db += LOAD(s->refused_db);
+    t->limit_client_ingests += LOAD(s->limit_client_ingests);
+    t->limit_body_rate += LOAD(s->limit_body_rate);
+    t->connections_open += LOAD(s->connections_open);
+    t->accept_paused += LOAD(s->accept_paused);
 }
 
 static void gather_pool(totals_t *t, const ji_pg_pool_t *pool)
@@ -143,9 +147,21 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     family(out, "limits_total", "counter", "Requests refused by a limit, by limit.");
     sample(out, "limits_total", "{limit=\"max_record_bytes\"}", t->limit_record_bytes);
     sample(out, "limits_total", "{limit=\"max_ingests\"}", t->limit_ingests);
+    sample(out, "limits_total", "{limit=\"max_client_ingests\"}", t->limit_client_ingests);
+    sample(out, "limits_total", "{limit=\"min_body_rate\"}", t->limit_body_rate);
+    sample(out, "limits_total", "{limit=\"max_memory\"}", LOAD(server->memory_budget.refused));
+    sample(out, "limits_total", "{limit=\"max_array_memory\"}", LOAD(server->array_budget.over_request_cap));
+    sample(out, "limits_total", "{limit=\"array_memory_budget\"}", LOAD(server->array_budget.refused));
     family(out, "refused_total", "counter", "Uploads refused before their body was read, by reason.");
     sample(out, "refused_total", "{reason=\"max_ingests\"}", t->limit_ingests);
     sample(out, "refused_total", "{reason=\"db_not_ready\"}", t->refused_db);
+    sample(out, "refused_total", "{reason=\"max_client_ingests\"}", t->limit_client_ingests);
+    sample(out, "refused_total", "{reason=\"max_memory\"}", LOAD(server->memory_budget.refused));
+    single(out, "connections_open", "gauge", "Client connections open now.", t->connections_open);
+    single(out, "accept_paused_total", "counter", "Times accepting paused for want of file descriptors.",
+           t->accept_paused);
+    single(out, "memory_reserved_bytes", "gauge", "Bytes of --max-memory reserved by uploads in progress.",
+           ji_budget_reserved(&server->memory_budget));
     family(out, "db_pool_connections", "gauge", "Database connections of the per-thread pools, by state.");
     sample(out, "db_pool_connections", "{state=\"idle\"}", t->pg_idle);
     sample(out, "db_pool_connections", "{state=\"busy\"}", t->pg_busy);

@@ -430,7 +430,8 @@ int ji_server_run(const ji_config_t *config)
         return 1;
     }
     configure_h2o(&server);
-    ji_array_budget_init(&server.array_budget, config->array_memory_budget);
+    ji_budget_init(&server.array_budget, config->array_memory_budget);
+    ji_budget_init(&server.memory_budget, config->max_memory);
 
     /* every thread blocks the stop signals; one thread waits for them */
     sigemptyset(&stop_signals);

@@ -35,6 +35,7 @@ struct st_ji_upload_t {
     bool expect_continue, continue_sent;
     bool client_slot; /**< holds a place of --max-client-ingests */
     bool admitted;    /**< holds an upload place (--max-ingests, database ready) */
+    uint64_t memory;  /**< bytes of --max-memory held */
     ji_ingest_t *ingest;
 
     /* feeding */
@@ -85,6 +86,8 @@ void ji_upload_free(ji_upload_t *u)
     ji_array_mode_release(&u->array_request.admission);
     if (u->admitted)
         ji_server_release_ingest(w);
+    if (u->memory != 0)
+        ji_budget_release(&w->server->memory_budget, u->memory);
     if (u->client_slot)
         ji_client_slots_release(&w->server->client_slots, u->conn->client);
     ji_gunzip_free(u->gunzip);
@@ -451,10 +454,25 @@ static void process_array(ji_upload_t *u, size_t avail)
 
 /* ------------------------------------------------------------------ choosing the format */
 
+/** Takes `bytes` more of --max-memory for this upload. 0, or -1 with `err` (503) when the budget is held. */
+static int reserve_memory(ji_upload_t *u, uint64_t bytes, ji_error_t *err)
+{
+    ji_server_t *server = u->conn->worker->server;
+
+    if (!ji_budget_reserve(&server->memory_budget, bytes))
+        return ji_error_set(err, JI_ERR_BUSY, 0, NULL,
+                            "uploads in progress hold the memory budget (--max-memory %llu bytes): retry later",
+                            (unsigned long long)server->config->max_memory);
+    u->memory += bytes;
+    return 0;
+}
+
 static int start_stream(ji_upload_t *u, ji_error_t *err)
 {
     ji_worker_t *w = u->conn->worker;
 
+    if (reserve_memory(u, ji_config_upload_memory(config_of(u), false) - JI_UPLOAD_FIXED_BYTES, err) != 0)
+        return -1;
     u->state = UPLOAD_STREAM;
     if (u->options.encoding == JI_ENCODING_GZIP &&
         ((u->gunzip = ji_gunzip_new(config_of(u)->max_inflated_bytes)) == NULL ||
@@ -471,7 +489,8 @@ static int start_array(ji_upload_t *u, ji_error_t *err)
     if (u->body.chunked == false && u->body.remaining > config_of(u)->max_array_bytes)
         return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "body is larger than --max-array-bytes (%zu bytes)",
                             config_of(u)->max_array_bytes);
-    if (ji_array_mode_admit(u->conn->worker, &u->array_request.admission, err) != 0)
+    if (reserve_memory(u, ji_config_upload_memory(config_of(u), true) - JI_UPLOAD_FIXED_BYTES, err) != 0 ||
+        ji_array_mode_admit(u->conn->worker, &u->array_request.admission, err) != 0)
         return -1;
     u->state = UPLOAD_ARRAY;
     return 0;
@@ -584,6 +603,10 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
         return;
     }
     u->admitted = true;
+    if (reserve_memory(u, JI_UPLOAD_FIXED_BYTES, &err) != 0) {
+        answer_error(u, &err);
+        return;
+    }
     if ((u->head_copy = malloc(head->head_len)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         answer_error(u, &err);

@@ -417,3 +417,18 @@ def test_readyz_says_stopping_on_a_kept_alive_connection_during_the_drain(start_
         probe.close()
         upload.close()
     assert db.count_users() == 2
+
+
+def test_uploads_on_one_kept_alive_connection_give_their_places_back(start_server, db):
+    srv = start_server(args=["--max-ingests", "2", "--max-client-ingests", "1"])
+    c = helpers.HTTPConn(srv.host, srv.port)
+    try:
+        for i in range(5):
+            body = record(i)
+            c.send(helpers.post_head("/users", length=len(body)) + body)
+            r = c.read_response()
+            assert r.status == 200, (i, r)
+            assert r.headers.get("connection") == "keep-alive"
+    finally:
+        c.close()
+    assert db.count_users() == 5

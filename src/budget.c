@@ -1,13 +1,13 @@
 /*
- * array_budget.c — owns the process-wide memory budget of the JSON-array mode
- * (array_budget.h): a compare-and-swap loop, so that concurrent reservations
- * never take the count above the limit, even for a moment.
+ * budget.c — a process-wide memory budget (budget.h): a compare-and-swap
+ * loop, so that concurrent reservations never take the count above the limit,
+ * even for a moment.
  */
-#include "array_budget.h"
+#include "budget.h"
 
 #include <assert.h>
 
-void ji_array_budget_init(ji_array_budget_t *b, uint64_t limit)
+void ji_budget_init(ji_budget_t *b, uint64_t limit)
 {
     b->limit = limit;
     atomic_init(&b->reserved, 0);
@@ -15,7 +15,7 @@ void ji_array_budget_init(ji_array_budget_t *b, uint64_t limit)
     atomic_init(&b->over_request_cap, 0);
 }
 
-bool ji_array_budget_reserve(ji_array_budget_t *b, uint64_t bytes)
+bool ji_budget_reserve(ji_budget_t *b, uint64_t bytes)
 {
     uint64_t now = atomic_load(&b->reserved);
 
@@ -28,7 +28,7 @@ bool ji_array_budget_reserve(ji_array_budget_t *b, uint64_t bytes)
     return true;
 }
 
-void ji_array_budget_release(ji_array_budget_t *b, uint64_t bytes)
+void ji_budget_release(ji_budget_t *b, uint64_t bytes)
 {
     uint64_t before = atomic_fetch_sub(&b->reserved, bytes);
 
@@ -36,7 +36,7 @@ void ji_array_budget_release(ji_array_budget_t *b, uint64_t bytes)
     (void)before;
 }
 
-uint64_t ji_array_budget_reserved(ji_array_budget_t *b)
+uint64_t ji_budget_reserved(ji_budget_t *b)
 {
     return atomic_load(&b->reserved);
 }
