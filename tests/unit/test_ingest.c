@@ -1,5 +1,5 @@
 /*
- * test_ingest.c — the ingest against a real PostgreSQL (JI_TEST_DATABASE_URL;
+ * test_ingest.c — the ingest against a real PostgreSQL (JI_TEST_DB;
  * skipped with 77 when empty), driven by a real h2o evloop the way the
  * request paths drive it: bodies fed in small pieces with the resume
  * protocol, records in record mode. Checks the committed rows and files, a
@@ -854,9 +854,9 @@ int main(void)
     ji_error_t err;
     int ret = 1;
 
-    admin_url = getenv("JI_TEST_DATABASE_URL");
-    if (admin_url == NULL || admin_url[0] == '\0') {
-        printf("ingest: JI_TEST_DATABASE_URL is empty, skipped\n");
+    admin_url = unit_test_db();
+    if (admin_url == NULL) {
+        printf("ingest: no test database configured (JI_TEST_DB; meson -Dtest_database_url=...), skipped\n");
         return 77;
     }
     if (make_url(ingest_url, sizeof(ingest_url), TEST_DB_NAME) != 0 ||

@@ -1,6 +1,6 @@
 /*
  * test_pg_call.c — ji_pg_call_t, one statement through the pool, against a
- * real server (JI_TEST_DATABASE_URL; skipped with 77 when empty) on a real
+ * real server (JI_TEST_DB; skipped with 77 when empty) on a real
  * h2o evloop: the result comes later from the loop with the connection
  * already back in the pool, parameters, a failing statement, a callback that
  * starts the call again, cancelling before and during the statement, and a
@@ -197,9 +197,9 @@ int main(void)
                                         {"unreachable", test_unreachable},
                                         {NULL, NULL}};
 
-    db_url = getenv("JI_TEST_DATABASE_URL");
-    if (db_url == NULL || db_url[0] == '\0') {
-        printf("pg_call: JI_TEST_DATABASE_URL is empty, skipped\n");
+    db_url = unit_test_db();
+    if (db_url == NULL) {
+        printf("pg_call: no test database configured (JI_TEST_DB; meson -Dtest_database_url=...), skipped\n");
         return 77;
     }
     return unit_run("pg_call", tests);
