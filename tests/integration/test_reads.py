@@ -129,7 +129,7 @@ def test_get_user_errors(server, db, tmp_path):
     c = helpers.HTTPConn(server.host, server.port)
     try:
         for path in (f"/users/{ids[-1] + 1}", "/users/abc", "/users/1/other", f"/users/{ids[0]}"):
-            c.send(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            c.send(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             r = c.read_response()
             assert r.status in (200, 400, 404) and "close" not in r.headers.get("connection", ""), (path, r)
         assert r.status == 200 and r.json()["user_id"] == ids[0], r
