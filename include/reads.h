@@ -6,10 +6,10 @@
  * network. Health is health.h's, metrics metrics.h's.
  *
  * Memory: a single-row read holds one row; an image is streamed from its file
- * in JI_IMAGE_CHUNK_BYTES pieces; an export holds at most two pages of
- * JI_EXPORT_PAGE_ROWS rows (one being sent, one being fetched), whatever
- * the size of the table. A client that goes away mid-response frees everything
- * (the request pool's dispose callback cancels the database operation).
+ * in JI_IMAGE_CHUNK_BYTES pieces. The export (export.h: one snapshot, rows
+ * below the export horizon) holds at most two pages. A client that goes away
+ * mid-response frees everything (the request pool's dispose callback cancels
+ * the database operation, or gives the export's connection back rolled back).
  */
 #ifndef JI_READS_H
 #define JI_READS_H

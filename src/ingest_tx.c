@@ -2,7 +2,7 @@
  * ingest_tx.c — the transaction of one ingest, every step a callback of the
  * connection (ingest.c feeds the COPY rows in between):
  *
- *   CONNECTING -> BEGIN -> CLAIM -> BATCH -> COPY_START -> STREAMING
+ *   CONNECTING -> BEGIN -> CLAIM -> BATCH -> COPY_START (horizon lock, COPY) -> STREAMING
  *     -> COPY_END -> SUMMARY -> [KEEP_ANSWER] -> COMMIT -> DONE
  *   CLAIM -> REPLAY -> DONE | FAILED     (the key committed earlier)
  *   (any step) -> FAILED
@@ -13,6 +13,10 @@
  * committed earlier is replayed: the transaction rolls back, the connection
  * goes back to the pool, the body is only hashed, and at its end the digest
  * decides (same: the kept answer, byte for byte; different: 422).
+ *
+ * Before its COPY takes any user_id, an ingest takes the export horizon's
+ * lock naming its lower bound (export.h): exports return only rows below the
+ * bound of every ingest in flight.
  *
  * A failed request's connection is rolled back in the background and goes
  * back to the pool (the answer does not wait), except while it holds an
@@ -27,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "export.h"
 #include "row_encoder.h"
 #include "schema.h"
 
@@ -321,6 +326,19 @@ static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
         ji_ingest_resume_owner(in);
 }
 
+/** The batch's lower bound is visible to exports (export.h) until COMMIT or ROLLBACK: its COPY may take ids. */
+static void on_horizon_locked(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    if (err != NULL) {
+        ji_ingest_tx_fail(in, "taking the export horizon lock failed", res, err);
+        return;
+    }
+    if (ji_pg_query(pg, JI_COPY_USERS_SQL, 0, NULL, on_copy_start, in) != 0)
+        ji_ingest_tx_fail(in, "sending COPY failed", NULL, ji_pg_error(pg));
+}
+
 static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
@@ -339,8 +357,9 @@ static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(res, 0, 0));
     in->batch_id = strtoll(in->batch_id_text, NULL, 10);
     in->state = ST_COPY_START;
-    if (ji_pg_query(pg, JI_COPY_USERS_SQL, 0, NULL, on_copy_start, in) != 0)
-        ji_ingest_tx_fail(in, "sending COPY failed", NULL, ji_pg_error(pg));
+    /* the export horizon first: no id may be taken before the lock that names the batch's lower bound */
+    if (ji_pg_query(pg, JI_EXPORT_HORIZON_LOCK_SQL, 0, NULL, on_horizon_locked, in) != 0)
+        ji_ingest_tx_fail(in, "taking the export horizon lock failed", NULL, ji_pg_error(pg));
 }
 
 static void send_batch(ji_ingest_t *in)

@@ -13,11 +13,8 @@
  * Any h2o_send or ji_reply_* may dispose the request at once (a HEAD, an
  * error, a pipelined next request): it is the last thing a function does.
  *
- * Export: keyset pagination, one statement per page (WHERE user_id > $last
- * ORDER BY user_id LIMIT page). The connection goes back to the pool after
- * each page, so a slow client holds no database connection. The next page is
- * fetched while the current one is being sent (two page buffers): memory is
- * two pages, whatever the table size.
+ * Export: the query parameters are read here; the export itself (one
+ * snapshot, pages, the horizon) is export.c's.
  */
 #include "reads.h"
 
@@ -30,6 +27,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "export.h"
 #include "handler_reply.h"
 #include "json_text.h"
 #include "server.h"
@@ -37,7 +35,6 @@
 
 static const char SQL_USER[] = "SELECT " JI_USER_COLUMNS " FROM users WHERE user_id = $1";
 static const char SQL_IMAGE[] = "SELECT image_path, image_type FROM users WHERE user_id = $1";
-static const char SQL_PAGE[] = "SELECT " JI_USER_COLUMNS " FROM users WHERE user_id > $1 ORDER BY user_id LIMIT $2";
 
 /** Room for an int64 in decimal, sign and NUL included: the text of a statement parameter. */
 #define INT64_TEXT 24
@@ -362,180 +359,17 @@ static void get_image(ji_worker_t *w, h2o_req_t *req, int64_t id, bool head)
 
 /* ------------------------------------------------------------------ GET /users, GET /users.csv */
 
-/** The export's query parameters; while the export runs, after_id and limit say where it is. */
-typedef struct st_export_query_t {
-    int64_t after_id;           /**< only users after this one (0); then the last user_id fetched */
-    uint64_t limit;             /**< at most this many rows (UINT64_MAX: all); then the rows still wanted */
-    ji_csv_formulas_t formulas; /**< CSV only: formulas=raw, else neutralised */
-} export_query_t;
-
-typedef struct st_export_t {
-    h2o_generator_t super;
-    ji_pg_call_t call;
-    h2o_req_t *req;
-    ji_worker_t *w;
-    bool csv, head;
-    export_query_t q;
-    uint64_t sent_rows;         /**< rows fetched so far (for messages) */
-    unsigned asked;             /**< LIMIT of the running fetch */
-    char params[2][INT64_TEXT]; /**< after_id and LIMIT of the running fetch, as text */
-    const char *values[2];
-    ji_text_t page[2]; /**< one being sent, one being filled */
-    unsigned filling;  /**< index of the page the running fetch fills (or that is ready) */
-    bool started;      /**< the response headers went out */
-    bool sending;      /**< an h2o_send is in flight (its page must stay untouched) */
-    bool ready;        /**< page[filling] is complete and waits for the previous send */
-    bool last;         /**< ... and it is the final one */
-    bool failed;       /**< a fetch failed after the headers: end the response with an error */
-} export_t;
-
-static void export_on_page(ji_pg_call_t *call, PGresult *res, const char *err);
-
-static void export_dispose(void *p)
-{
-    export_t *e = p;
-
-    ji_pg_call_cancel(&e->call);
-    ji_text_free(&e->page[0]);
-    ji_text_free(&e->page[1]);
-}
-
-/** Starts fetching the next page into page[filling]. NULL, or why not (answered to `req` unless NULL). */
-static const char *export_fetch(export_t *e, h2o_req_t *req)
-{
-    e->asked = e->q.limit < JI_EXPORT_PAGE_ROWS ? (unsigned)e->q.limit : JI_EXPORT_PAGE_ROWS;
-    snprintf(e->params[0], sizeof(e->params[0]), "%" PRId64, e->q.after_id);
-    snprintf(e->params[1], sizeof(e->params[1]), "%u", e->asked);
-    e->values[0] = e->params[0];
-    e->values[1] = e->params[1];
-    return start_read(&e->call, e->w, req, SQL_PAGE, 2, e->values, export_on_page);
-}
-
-/** Logs why an export whose 200 is out ends early (the client sees a cut response, no final chunk). */
-static void export_log_cut(export_t *e, const char *why)
-{
-    fprintf(stderr, "GET %.*s: export cut after %" PRIu64 " rows: %s\n", (int)e->req->path.len, e->req->path.base,
-            e->sent_rows, why);
-}
-
-/** Sends the ready page (starting the response with the first one) and starts fetching the next. */
-static void export_flush(export_t *e)
-{
-    h2o_req_t *req = e->req;
-    ji_text_t *p = &e->page[e->filling];
-    bool last = e->last;
-    h2o_iovec_t vec = h2o_iovec_init(p->base, p->len);
-    const char *why;
-
-    e->ready = false;
-    e->filling ^= 1; /* the next fetch fills the other page; this one belongs to h2o until proceed */
-    if (!e->started) {
-        const char *type = e->csv ? "text/csv; charset=utf-8; header=present" : "application/x-ndjson";
-        e->started = true;
-        req->res.status = 200;
-        req->res.reason = "OK";
-        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, type, strlen(type));
-        h2o_start_response(req, &e->super);
-        if (e->head) { /* HEAD: the status says the database answered; no rows */
-            h2o_send(req, NULL, 0, H2O_SEND_STATE_FINAL);
-            return;
-        }
-    }
-    if (!last && (why = export_fetch(e, NULL)) != NULL) {
-        export_log_cut(e, why);
-        e->failed = true; /* this page still goes out; the response then ends with an error */
-    }
-    e->sending = true;
-    h2o_send(req, &vec, vec.len != 0 ? 1 : 0, last ? H2O_SEND_STATE_FINAL : H2O_SEND_STATE_IN_PROGRESS);
-}
-
-/** Fills page[filling] with the rows of `res` (the CSV header first, before the first row). 0, or -1. */
-static int export_fill(export_t *e, const PGresult *res)
-{
-    ji_text_t *p = &e->page[e->filling];
-    int n = PQntuples(res);
-
-    p->len = 0;
-    if (!e->started && e->csv)
-        ji_text_append(p, H2O_STRLIT(JI_USER_CSV_HEADER));
-    for (int i = 0; i < n; i++) {
-        if (e->csv)
-            ji_user_csv(p, res, i, e->q.formulas);
-        else
-            ji_user_json(p, res, i);
-    }
-    return p->failed ? -1 : 0;
-}
-
-static void export_on_page(ji_pg_call_t *call, PGresult *res, const char *err)
-{
-    export_t *e = JI_CONTAINER_OF(call, export_t, call);
-    const char *why = err;
-    int n;
-
-    if (!e->started && !result_usable(e->req, res, err, JI_USER_NCOLS)) /* nothing sent yet: an error answer */
-        return;
-    if (why == NULL && !result_ok(res, JI_USER_NCOLS))
-        why = "unexpected answer from the database";
-    if (why == NULL && export_fill(e, res) != 0)
-        why = "out of memory";
-    if (why != NULL && !e->started) {
-        ji_reply_errorf(e->req, JI_ERR_INTERNAL, "%s", why);
-        return;
-    }
-    if (why != NULL) { /* the status line is gone: the client sees a cut response (no final chunk) */
-        export_log_cut(e, why);
-        if (e->sending) {
-            e->failed = true; /* ended when h2o asks for more */
-            return;
-        }
-        h2o_send(e->req, NULL, 0, H2O_SEND_STATE_ERROR);
-        return;
-    }
-    n = PQntuples(res);
-    if (n > 0)
-        e->q.after_id = strtoll(PQgetvalue(res, n - 1, JI_USER_COL_ID), NULL, 10);
-    e->sent_rows += (uint64_t)n;
-    if (e->q.limit != UINT64_MAX)
-        e->q.limit -= (uint64_t)n;
-    e->last = (unsigned)n < e->asked || e->q.limit == 0;
-    e->ready = true;
-    if (!e->sending)
-        export_flush(e);
-}
-
-/** h2o sent the previous page and wants more. */
-static void export_proceed(h2o_generator_t *self, h2o_req_t *req)
-{
-    export_t *e = JI_CONTAINER_OF(self, export_t, super);
-
-    e->sending = false;
-    if (e->failed) {
-        h2o_send(req, NULL, 0, H2O_SEND_STATE_ERROR);
-        return;
-    }
-    if (e->ready)
-        export_flush(e);
-    /* else the running fetch flushes when it completes */
-}
-
-static void export_stop(h2o_generator_t *self, h2o_req_t *req)
-{
-    (void)self;
-    (void)req; /* the request pool's dispose callback cancels the fetch and frees the pages */
-}
-
 /**
  * Parses `after_id=N&limit=M` and, for CSV, `formulas=raw` (other parameters are ignored). 0, or -1 after
  * answering 400.
  */
-static int parse_export_query(h2o_req_t *req, bool csv, export_query_t *q)
+static int parse_export_query(h2o_req_t *req, bool csv, ji_export_query_t *q)
 {
     const char *end = req->path.base + req->path.len;
     const char *s = req->query_at != SIZE_MAX ? req->path.base + req->query_at + 1 : end;
     char echo[ECHO_MAX + 1];
 
-    *q = (export_query_t){.after_id = 0, .limit = UINT64_MAX, .formulas = JI_CSV_FORMULAS_NEUTRALISE};
+    *q = (ji_export_query_t){.after_id = 0, .limit = UINT64_MAX, .formulas = JI_CSV_FORMULAS_NEUTRALISE};
     for (; s < end; s++) {
         const char *amp = memchr(s, '&', (size_t)(end - s)), *stop = amp != NULL ? amp : end;
         const char *eq = memchr(s, '=', (size_t)(stop - s)), *v = eq != NULL ? eq + 1 : stop;
@@ -567,18 +401,11 @@ static int parse_export_query(h2o_req_t *req, bool csv, export_query_t *q)
 
 static void export_users(ji_worker_t *w, h2o_req_t *req, bool csv, bool head)
 {
-    export_t *e = h2o_mem_alloc_shared(&req->pool, sizeof(*e), export_dispose);
+    ji_export_query_t q;
 
-    memset(e, 0, sizeof(*e));
-    if (parse_export_query(req, csv, &e->q) != 0 || !db_usable(w, req))
+    if (parse_export_query(req, csv, &q) != 0 || !db_usable(w, req))
         return;
-    e->super.proceed = export_proceed;
-    e->super.stop = export_stop;
-    e->req = req;
-    e->w = w;
-    e->csv = csv;
-    e->head = head;
-    export_fetch(e, req);
+    ji_export_start(w, req, csv, head, &q);
 }
 
 /* ------------------------------------------------------------------ routes */

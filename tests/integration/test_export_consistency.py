@@ -1,0 +1,181 @@
+"""The export's consistency (docs/api.md, GET /users: snapshot, cursor,
+exactly once) while batches commit in another order than their user_ids were
+taken: a slow batch that is still streaming, a quick batch that commits first
+inside its range, rows inserted by someone else in between. Real binary, real
+PostgreSQL, a raw socket for the slow upload and the slow reader."""
+import http.client
+import json
+import socket
+import threading
+import time
+
+import helpers
+
+
+def rows(tag, start, n):
+    return b"".join(helpers.record_line(f"{tag} {i}", f"{tag}-{i}@example.com") + b"\n"
+                    for i in range(start, start + n))
+
+
+def seq_last(db):
+    """The last user_id the users sequence gave (0: none yet)."""
+    v = db.sql("SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('users', 'user_id')), 0)")
+    return int(v)
+
+
+class SlowUpload:
+    """POST /users with a chunked body sent in parts, from a raw socket: the batch stays open between parts."""
+
+    def __init__(self, srv):
+        self.sock = socket.create_connection((srv.host, srv.port), timeout=60)
+        self.sock.sendall(helpers.post_head("/users", chunked=True))
+
+    def send(self, data):
+        self.sock.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+
+    def finish(self):
+        """Ends the body and returns the answer (the batch has committed when it is 200)."""
+        self.sock.sendall(b"0\r\n\r\n")
+        conn = helpers.HTTPConn.__new__(helpers.HTTPConn)
+        conn.sock, conn.buf = self.sock, b""
+        try:
+            return conn.read_response()
+        finally:
+            conn.close()
+
+
+def wait_ids_taken(db, above, timeout=20):
+    """Waits until the sequence gave an id above `above` (the open batch's COPY reached the database)."""
+    assert helpers.wait_for(lambda: seq_last(db) > above, timeout=timeout), (seq_last(db), above)
+    return seq_last(db)
+
+
+def export_page(srv, after_id, limit=1000):
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    try:
+        c.request("GET", f"/users?after_id={after_id}&limit={limit}", headers={"Host": "localhost"})
+        r = c.getresponse()
+        body = r.read()
+        assert r.status == 200, (r.status, body[:300])
+        return [json.loads(l)["user_id"] for l in body.decode().splitlines()]
+    finally:
+        c.close()
+
+
+class Consumer(threading.Thread):
+    """The documented cursor recipe: GET /users?after_id=<greatest user_id seen>, again and again."""
+
+    def __init__(self, srv):
+        super().__init__(daemon=True)
+        self.srv, self.seen, self.after, self.requests = srv, [], 0, 0
+        self.stop_when_drained = threading.Event()
+        self.error = None
+
+    def run(self):
+        try:
+            while True:
+                drained = self.stop_when_drained.is_set()  # decided before the request: both batches committed
+                ids = export_page(self.srv, self.after)
+                self.requests += 1
+                self.seen += ids
+                if ids:
+                    self.after = max(ids)
+                elif drained:
+                    return
+                else:
+                    time.sleep(0.01)
+        except Exception as e:  # noqa: BLE001
+            self.error = e
+
+
+def test_cursor_sees_every_row_once_when_batches_commit_out_of_order(server, db, tmp_path):
+    res = helpers.post(server, helpers.write(tmp_path / "w.jsonl", rows("w", 0, 50)), tmp_path)
+    assert res.status == 200, res
+    consumer = Consumer(server)
+    consumer.start()
+    # the slow batch A takes its first ids and stays open
+    a = SlowUpload(server)
+    a.send(rows("a", 0, 3000))
+    a_first_part = wait_ids_taken(db, 50)
+    # the quick batch B takes ids above A's and commits first
+    res = helpers.post(server, helpers.write(tmp_path / "b.jsonl", rows("b", 0, 300)), tmp_path)
+    assert res.status == 200, res
+    b = res.json()
+    assert b["first_user_id"] > a_first_part - 1, (b, a_first_part)
+    time.sleep(1.0)  # the consumer pages on while A is open and B committed
+    a.send(rows("a", 3000, 2000))
+    wait_ids_taken(db, b["last_user_id"])
+    time.sleep(0.5)
+    ra = a.finish()
+    assert ra.status == 200, ra
+    assert ra.json()["inserted"] == 5000, ra.json()
+    consumer.stop_when_drained.set()
+    consumer.join(60)
+    assert not consumer.is_alive() and consumer.error is None, consumer.error
+    table = [u["user_id"] for u in db.users()]
+    assert len(table) == 50 + 300 + 5000
+    dup = len(consumer.seen) - len(set(consumer.seen))
+    missing = sorted(set(table) - set(consumer.seen))
+    assert dup == 0, f"{dup} rows seen twice"
+    assert not missing, (f"{len(missing)} committed rows never seen (first {missing[:5]}) "
+                         f"after {consumer.requests} requests")
+    assert set(consumer.seen) == set(table)
+
+
+def test_one_export_shows_a_batch_whole_or_not_at_all(server, db):
+    # Q: committed rows below the open batch A; P: committed rows inserted while A is open, between A's two parts,
+    # more than socket buffers hold (the export reads A's first part before A commits, its second part after)
+    db.sql("INSERT INTO users (name, email) SELECT 'q' || g, 'q' || g || '@x.com' FROM generate_series(1, 100) g")
+    a = SlowUpload(server)
+    a.send(rows("a", 0, 2000))
+    wait_ids_taken(db, 100)
+    db.sql("INSERT INTO users (name, email) SELECT 'p' || g, 'p' || g || '@x.com' FROM generate_series(1, 60000) g")
+    p_last = seq_last(db)
+    a.send(rows("a", 2000, 2000))
+    wait_ids_taken(db, p_last)
+    time.sleep(0.3)
+
+    # a slow reader: the export starts while A is open, and A commits while it is still being read
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(60)
+    s.connect((server.host, server.port))
+    s.sendall(b"GET /users HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    got = s.recv(4096)
+    time.sleep(0.5)
+    ra = a.finish()
+    assert ra.status == 200, ra
+    a_ids = set(range(ra.json()["first_user_id"], ra.json()["last_user_id"] + 1)) & \
+        {u["user_id"] for u in db.users(f"batch_id = {ra.json()['batch_id']}")}
+    assert len(a_ids) == 4000
+    chunks = [got]
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    s.close()
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert raw.endswith(b"\r\n0\r\n\r\n"), "the export did not end with its final chunk"
+    text = dechunk(body).decode()
+    ids = [json.loads(l)["user_id"] for l in text.splitlines()]
+    assert len(ids) == len(set(ids)) and ids == sorted(ids)
+    seen_a = a_ids & set(ids)
+    assert len(seen_a) in (0, len(a_ids)), f"one export holds {len(seen_a)} of batch A's {len(a_ids)} rows"
+    assert set(range(1, 101)) <= set(ids), "rows committed before the export began are missing"
+    # once A committed, a new export has A whole
+    assert a_ids <= set(export_page(server, 0, 200000))
+
+
+def dechunk(body):
+    out, i = [], 0
+    while True:
+        j = body.index(b"\r\n", i)
+        n = int(body[i:j].split(b";")[0], 16)
+        if n == 0:
+            return b"".join(out)
+        out.append(body[j + 2:j + 2 + n])
+        i = j + 2 + n + 2
+
