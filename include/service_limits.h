@@ -62,10 +62,13 @@
 /** A part-filled input buffer is fed after this long without more bytes (ms): small uploads are not delayed. */
 #define JI_FEED_FLUSH_MS 5
 /**
- * Most bytes one gzip body inflates in one turn of the event loop before the connection yields: a body that
- * inflates fast and yields little (gigabytes of newlines) must not hold the thread its other connections share.
+ * Longest stretch (ms) one gzip body is inflated and fed in one turn of the event loop before its connection
+ * yields (for 1 ms, JI_YIELD_MS): a body that inflates fast and yields little (gigabytes of newlines) must not
+ * hold the thread its other connections share. Time, not bytes: what a slice costs depends on what it holds.
  */
-#define JI_INFLATE_SLICE_BYTES (1u * 1024 * 1024)
+#define JI_LOOP_SLICE_MS 10
+/** How long a connection that yielded waits before it goes on (ms): the others get a turn of the loop. */
+#define JI_YIELD_MS 1
 /** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
 #define JI_INFLATE_BUFFER_BYTES (256u * 1024)
 /** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */

@@ -215,7 +215,7 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     h2o_timeout_init(w->ctx.loop, &w->feed_flush_timeout, JI_FEED_FLUSH_MS);
     h2o_timeout_init(w->ctx.loop, &w->idle_timeout, server->config->idle_timeout_ms);
     h2o_timeout_init(w->ctx.loop, &w->linger_timeout, JI_LINGER_MS);
-    h2o_timeout_init(w->ctx.loop, &w->yield_timeout, 1);
+    h2o_timeout_init(w->ctx.loop, &w->yield_timeout, JI_YIELD_MS);
     h2o_timeout_init(w->ctx.loop, &w->accept_pause_timeout, JI_ACCEPT_PAUSE_MS);
     w->accept_pause.cb = on_accept_pause_end;
     if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db, JI_PG_MAX_IDLE)) == NULL) {
