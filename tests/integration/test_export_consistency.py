@@ -179,3 +179,26 @@ def dechunk(body):
         out.append(body[j + 2:j + 2 + n])
         i = j + 2 + n + 2
 
+
+
+def test_export_cut_by_the_database_is_a_broken_transfer_for_curl(start_server, db, tmp_path):
+    """Once the 200 is out, a failure is told by a broken chunk, then the close: curl exits 56 (docs/api.md)."""
+    import subprocess
+    srv = start_server()
+    db.sql("INSERT INTO batches (batch_key) VALUES ('cut-export')")
+    db.sql("INSERT INTO users (name, email, batch_id) SELECT 'n' || g || repeat('x', 100), 'e' || g || '@x.org', "
+           "(SELECT max(batch_id) FROM batches) FROM generate_series(1, 200000) g")
+    out = tmp_path / "export.jsonl"
+    p = subprocess.Popen(["curl", "-sS", "--limit-rate", "2M", "-o", str(out), f"{srv.base}/users"],
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 100_000):
+        time.sleep(0.05)
+    # the export's connection: the one in a read-only transaction
+    db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+           "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+    rc = p.wait(60)
+    err = p.stderr.read().decode()
+    assert rc == 56 and "chunked" in err, (rc, err)
+    assert out.stat().st_size < 200_000 * 100
+    assert srv.healthy()
