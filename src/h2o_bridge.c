@@ -170,8 +170,10 @@ static void bridge_send(h2o_ostream_t *self, h2o_req_t *req, h2o_iovec_t *inbufs
         bufs[n++] = flatten_head(b, body_len, !h2o_send_state_is_in_progress(state));
         b->sent_headers = true;
     }
-    memcpy(bufs + n, inbufs, sizeof(*bufs) * inbufcnt);
-    n += inbufcnt;
+    if (inbufcnt != 0) {
+        memcpy(bufs + n, inbufs, sizeof(*bufs) * inbufcnt);
+        n += inbufcnt;
+    }
     b->final_sent = !h2o_send_state_is_in_progress(state);
     b->writing = true;
     h2o_timeout_link(b->super.ctx->loop, b->params.send_timeout, &b->send_timer);
