@@ -1,5 +1,6 @@
-"""Other promises of SPEC.md: length limits counted in characters, JSON-array
-mode, ?on_error=skip, Idempotency-Key, --token-file, reads, gc."""
+"""Other promises of the HTTP contract (docs/api.md): length limits counted in
+characters, JSON-array mode, ?on_error=skip, Idempotency-Key, --token-file,
+reads, gc."""
 import json
 import os
 import subprocess
