@@ -22,8 +22,24 @@
  * Nesting is bounded by JI_MAX_JSON_DEPTH, checked as each container opens:
  * a deeper record fails before yajl's parse stack grows further.
  *
+ * Long tokens are fed to yajl in growing pieces. yajl 2.1 copies a token
+ * that is cut by the end of its input into its lexer buffer and, when more
+ * input comes, lexes the token again from its first byte: fed as fragments
+ * of f bytes, a string of L bytes costs about L*L/(2f) bytes of scanning (a
+ * 64 MiB image in 256 KiB fragments: 8 GB). So while yajl may be holding a
+ * cut token (`pending`: the bytes given to it since the end of the last
+ * token it called back for), fragments smaller than `pending` are held back
+ * here and given to yajl together once they add up to `pending`. Each piece
+ * is then at least as long as what yajl rescans for it, the pieces of one
+ * token at least double, and the total scan stays under three times the
+ * line. Small records never wait: when yajl holds nothing, or the fragment
+ * is longer than what it holds, the fragment goes to yajl at once, uncopied.
+ *
  * Memory: two fixed 1020-byte buffers for name and email, plus what yajl
- * keeps (its token and decode buffers, at most one line long).
+ * keeps (its token and decode buffers, at most one line long), plus the
+ * held-back bytes: never more than yajl's copy of the pending token, so at
+ * most half the line received so far, within --max-record-bytes.
+ * A hold buffer above JI_RECORD_HOLD_KEEP_BYTES is freed when its line ends.
  */
 #include "record_parser.h"
 
@@ -36,6 +52,9 @@
 
 /** Longest name or email in bytes: JI_MAX_FIELD_CHARS characters of at most 4 bytes. */
 #define JI_MAX_FIELD_BYTES (JI_MAX_FIELD_CHARS * 4)
+
+/** A hold buffer up to this size is kept from one line to the next; a bigger one is freed when its line ends. */
+#define JI_RECORD_HOLD_KEEP_BYTES (64u * 1024)
 
 typedef enum {
     MEMBER_OTHER,
@@ -60,8 +79,9 @@ struct st_ji_record_parser_t {
     bool line_open;        /* fed since its last end_line/reset */
     uint64_t skip_line;    /* after reset() mid-line: the rest of this line is ignored (0 = none) */
     ji_escape_scan_t scan; /* bad `\u` escapes in the raw text */
-    size_t line_len;       /* bytes fed so far */
+    size_t line_len;       /* bytes given to yajl so far */
     size_t frag_off;       /* line offset of the fragment yajl is parsing */
+    size_t token_end;      /* line offset just past the last token yajl called back for */
     size_t last_nonws_end; /* line offset just past the last non-whitespace byte */
     size_t record_end;     /* line offset just past the '}' that closed the record */
     size_t depth;          /* open objects and arrays */
@@ -75,6 +95,10 @@ struct st_ji_record_parser_t {
     size_t name_len, email_len;
     char name[JI_MAX_FIELD_BYTES];
     char email[JI_MAX_FIELD_BYTES];
+
+    /* bytes of the current line held back from yajl; they follow line offset line_len */
+    char *hold;
+    size_t hold_len, hold_cap;
 };
 
 /* ---- the field rules ---- */
@@ -176,9 +200,16 @@ static int member_value(ji_record_parser_t *p, bool is_null)
     return 1;
 }
 
+/* Every callback: yajl just finished a token, so its lexer holds nothing before this offset. */
+static void token_done(ji_record_parser_t *p)
+{
+    p->token_end = p->frag_off + yajl_get_bytes_consumed(p->hand);
+}
+
 /* A scalar or container starts: depth 0 must be the record object, depth 1 is a member's value. */
 static int value_starts(ji_record_parser_t *p, const char *kind, bool is_null)
 {
+    token_done(p);
     if (p->depth == 0)
         return top_level(p, kind);
     if (p->depth == 1)
@@ -240,6 +271,7 @@ static int on_start_map(void *ctx)
 static int on_end_map(void *ctx)
 {
     ji_record_parser_t *p = ctx;
+    token_done(p);
     if (--p->depth == 0) {
         p->record_done = true;
         p->record_end = p->frag_off + yajl_get_bytes_consumed(p->hand);
@@ -258,6 +290,7 @@ static int on_start_array(void *ctx)
 static int on_end_array(void *ctx)
 {
     ji_record_parser_t *p = ctx;
+    token_done(p);
     p->depth--;
     return 1;
 }
@@ -278,6 +311,7 @@ static member_t member_of(const unsigned char *key, size_t len)
 static int on_map_key(void *ctx, const unsigned char *key, size_t len)
 {
     ji_record_parser_t *p = ctx;
+    token_done(p);
 
     if (p->depth != 1) {
         if (bad_escape_here(p))
@@ -325,6 +359,7 @@ static int on_string(void *ctx, const unsigned char *str, size_t len)
     ji_record_parser_t *p = ctx;
     const char *s = (const char *)str;
 
+    token_done(p);
     if (p->depth == 0)
         return top_level(p, "a string");
     if (bad_escape_here(p))
@@ -398,6 +433,8 @@ static void begin_line(ji_record_parser_t *p, uint64_t line)
     ji_escape_scan_reset(&p->scan);
     p->line_len = 0;
     p->frag_off = 0;
+    p->token_end = 0;
+    p->hold_len = 0;
     p->last_nonws_end = 0;
     p->record_end = 0;
     p->depth = 0;
@@ -431,7 +468,19 @@ void ji_record_parser_free(ji_record_parser_t *p)
     if (p == NULL)
         return;
     yajl_free(p->hand);
+    free(p->hold);
     free(p);
+}
+
+/* The line is over (ended or given up): its held bytes are gone, and a big hold buffer with them. */
+static void drop_hold(ji_record_parser_t *p)
+{
+    p->hold_len = 0;
+    if (p->hold_cap > JI_RECORD_HOLD_KEEP_BYTES) {
+        free(p->hold);
+        p->hold = NULL;
+        p->hold_cap = 0;
+    }
 }
 
 int ji_record_parser_reset(ji_record_parser_t *p)
@@ -441,6 +490,7 @@ int ji_record_parser_reset(ji_record_parser_t *p)
         return -1; /* the old handle stays, still failed */
     yajl_free(p->hand);
     p->hand = h;
+    drop_hold(p);
     p->skip_line = p->line_open ? p->line : 0;
     begin_line(p, 0);
     p->line_open = false;
@@ -499,15 +549,12 @@ static bool is_json_space(char c)
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
-int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data, size_t len, ji_error_t *err)
+/* Gives yajl the next bytes of the line (and the escape scan, and the tracking of the last non-space byte). */
+static int give(ji_record_parser_t *p, const char *data, size_t len)
 {
-    int r = enter(p, line, err);
-    if (r != 0)
-        return r > 0 ? 0 : -1;
-    if (len == 0)
-        return 0;
-    ji_escape_scan_feed(&p->scan, data, len);
     size_t off = p->line_len;
+
+    ji_escape_scan_feed(&p->scan, data, len);
     if (parse(p, data, len) != 0)
         return -1;
     for (size_t i = len; i > 0; i--) {
@@ -515,6 +562,47 @@ int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data
             p->last_nonws_end = off + i;
             break;
         }
+    }
+    return 0;
+}
+
+/* Gives yajl what was held back. */
+static int give_held(ji_record_parser_t *p)
+{
+    size_t n = p->hold_len;
+
+    if (n == 0)
+        return 0;
+    p->hold_len = 0;
+    return give(p, p->hold, n);
+}
+
+int ji_record_parser_feed(ji_record_parser_t *p, uint64_t line, const char *data, size_t len, ji_error_t *err)
+{
+    int r = enter(p, line, err);
+    if (r != 0)
+        return r > 0 ? 0 : -1;
+    /* see "Long tokens" at the top; invariant between calls: hold_len < pending, or nothing held */
+    while (len > 0) {
+        size_t pending = p->line_len - p->token_end;
+        if (p->hold_len == 0 && len >= pending)
+            return give(p, data, len);
+        if (p->hold_cap < pending) {
+            /* hold_len is 0 here (a piece is only held back while pending stays the same), but realloc: a big
+             * block grows in place (mremap), so the pages already touched are not faulted in again */
+            char *bigger = realloc(p->hold, pending);
+            if (bigger == NULL)
+                return give(p, data, len); /* slower, still right */
+            p->hold = bigger;
+            p->hold_cap = pending;
+        }
+        size_t n = pending - p->hold_len < len ? pending - p->hold_len : len;
+        memcpy(p->hold + p->hold_len, data, n);
+        p->hold_len += n;
+        data += n;
+        len -= n;
+        if (p->hold_len == pending && give_held(p) != 0)
+            return -1;
     }
     return 0;
 }
@@ -528,6 +616,9 @@ int ji_record_parser_end_line(ji_record_parser_t *p, uint64_t line, ji_error_t *
         return r > 0 ? 0 : -1;
     }
     p->line_open = false;
+    if (give_held(p) != 0)
+        return -1;
+    drop_hold(p);
     ji_escape_scan_finish(&p->scan);
     if (p->depth > 0) {
         p->failed = true;

@@ -630,6 +630,103 @@ static void test_big_image(void)
     free(b64);
 }
 
+/* ---- long strings fed in small fragments: the parser holds fragments back from yajl ---- */
+
+/* Appends `n` base64 characters to `body` at `*len`, every '/' written as "\/" when `escape_slash`. */
+static void put_b64(char *body, size_t *len, size_t n, unsigned seed, bool escape_slash)
+{
+    for (size_t i = 0; i < n; i++) {
+        char c =
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[((i + seed) * 2654435761u >> 9) % 64];
+        if (c == '/' && escape_slash)
+            body[(*len)++] = '\\';
+        body[(*len)++] = c;
+    }
+}
+
+/* Feeds `body` in pieces of `piece` bytes (0 = whole) in skip mode; returns the driver for its log and image. */
+static void run_pieces(drv_t *d, const char *body, size_t len, size_t piece)
+{
+    drv_init(d, true);
+    if (piece == 0)
+        piece = len;
+    for (size_t off = 0; off < len; off += piece)
+        CHECK(drv_feed(d, body + off, len - off < piece ? len - off : piece));
+    drv_finish(d);
+}
+
+static void test_long_strings_in_fragments(void)
+{
+    const size_t n = 1u << 20; /* characters of each long string */
+    size_t cap = 8 * n + 1024, len = 0;
+    char *body = malloc(cap);
+    char *want_image = malloc(n);
+    size_t want_len = 0;
+
+    /* 1: a long image, fine */
+    len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"a\",\"email\":\"a@x\",\"image\":\"");
+    size_t first_image_at = len;
+    put_b64(body, &len, n, 1, false);
+    len += (size_t)snprintf(body + len, cap - len, "\"}\n");
+    /* 2: a raw control character deep inside a long string: 400 on line 2 */
+    len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"b\",\"email\":\"b@x\",\"image\":\"");
+    put_b64(body, &len, n - 1000, 2, false);
+    body[len++] = '\t';
+    put_b64(body, &len, 999, 3, false);
+    len += (size_t)snprintf(body + len, cap - len, "\"}\n");
+    /* 3: a long image with "\/" escapes after a long ignored member: the handler gets the decoded text */
+    len += (size_t)snprintf(body + len, cap - len, "{\"bio\":\"");
+    put_b64(body, &len, n, 4, false);
+    len += (size_t)snprintf(body + len, cap - len, "\",\"image\":\"");
+    size_t image_at = len;
+    put_b64(body, &len, n, 5, true);
+    for (size_t i = image_at; i < len; i++) /* what the handler must get: the same text without backslashes */
+        if (body[i] != '\\')
+            want_image[want_len++] = body[i];
+    len += (size_t)snprintf(body + len, cap - len, "\",\"name\":\"c\",\"email\":\"c@x\"}\n");
+    /* 4: a \u0000 escape near the end of a long image: 422 naming the member, on line 4 */
+    len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"d\",\"email\":\"d@x\",\"image\":\"");
+    put_b64(body, &len, n - 10, 6, false);
+    len += (size_t)snprintf(body + len, cap - len, "\\u0000abcd\"}\n");
+    /* 5: a long ignored string, and the line ends before its record does: 400 on line 5 */
+    len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"e\",\"email\":\"e@x\",\"x\":\"");
+    put_b64(body, &len, n, 7, false);
+    len += (size_t)snprintf(body + len, cap - len, "\"\n");
+    /* 6: still counting lines right */
+    len += (size_t)snprintf(body + len, cap - len, "{\"name\":\"f\",\"email\":\"f@x\"}");
+    CHECK(len < cap);
+
+    char want[512];
+    snprintf(want, sizeof(want),
+             "I1:<%zu bytes>|R1:a/a@x/1|E2:400::lexical error: invalid character inside string|I3:<%zu bytes>|"
+             "R3:c/c@x/1|E4:422:image:\\u0000 escape in a string is not allowed|"
+             "E5:400::line ends inside a JSON value|R6:f/f@x/0|",
+             n, want_len);
+    static const size_t pieces[] = {0, 1, 7, 1000, 4093, 65536};
+    for (size_t k = 0; k < sizeof(pieces) / sizeof(pieces[0]); k++) {
+        if (pieces[k] == 1) { /* byte by byte: only the first line, it takes a while */
+            drv_t d;
+            size_t first = (size_t)(strchr(body, '\n') - body) + 1;
+            run_pieces(&d, body, first, 1);
+            char want1[64];
+            snprintf(want1, sizeof(want1), "I1:<%zu bytes>|R1:a/a@x/1|", n);
+            CHECK_EQ_STR(d.log, want1);
+            CHECK(d.image_len == n && memcmp(d.image, body + first_image_at, n) == 0);
+            drv_free(&d);
+            continue;
+        }
+        drv_t d;
+        run_pieces(&d, body, len, pieces[k]);
+        if (strcmp(d.log, want) != 0)
+            fprintf(stderr, "pieces of %zu bytes\n", pieces[k]);
+        CHECK_EQ_STR(d.log, want);
+        CHECK(d.image_len == want_len && memcmp(d.image, want_image, want_len) == 0);
+        drv_free(&d);
+    }
+    free(want_image);
+    free(body);
+}
+
 /* ---- the rules on their own (the JSON-array mode uses them) ---- */
 
 static void test_check_functions(void)
@@ -769,5 +866,6 @@ static void test_depth_agrees_with_prescan(void)
 
 UNIT_MAIN("record_parser", {"cases", test_cases}, {"lengths", test_lengths}, {"skip_mode", test_skip_mode},
           {"handler_results", test_handler_results}, {"api", test_api}, {"many_records", test_many_records},
-          {"big_image", test_big_image}, {"check_functions", test_check_functions}, {"depth", test_depth},
+          {"big_image", test_big_image}, {"long_strings_in_fragments", test_long_strings_in_fragments},
+          {"check_functions", test_check_functions}, {"depth", test_depth},
           {"depth_agrees_with_prescan", test_depth_agrees_with_prescan})
