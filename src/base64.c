@@ -8,7 +8,7 @@
  * byte it writes past its returned length is covered by the slack in
  * JI_BASE64_DECODED_MAX.
  *
- * Why the rules: libb64 alone accepts anything (docs/libraries.md). Here:
+ * Why the rules: libb64 alone accepts anything (see docs/libraries.md). Here:
  * '=' only as final padding, at most two, only whitespace or '=' after the
  * first one, and the padded length a multiple of 4. Unpadded input is fine
  * unless it ends with a lone character (4n+1 characters cannot be bytes).
