@@ -121,6 +121,17 @@ ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx)
     return pg;
 }
 
+/** Drops every callback and context of the connection's last owner: nothing of it is called any more. */
+static void forget_owner(ji_pg_t *pg)
+{
+    pg->ready_cb = NULL;
+    pg->result_cb = NULL;
+    pg->op_ctx = NULL;
+    pg->event_cb = NULL;
+    pg->event_ctx = NULL;
+    pg->drain_pending = false;
+}
+
 void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg)
 {
     if (pg == NULL || pg->freed)
@@ -131,12 +142,7 @@ void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg)
 
     if (pg->state == JI_PG_READY && !pg->ready_pending && pg->sock != NULL && PQstatus(pg->conn) == CONNECTION_OK &&
         PQtransactionStatus(pg->conn) == PQTRANS_IDLE && pool->idle_count < pool->max_idle) {
-        pg->ready_cb = NULL;
-        pg->result_cb = NULL;
-        pg->op_ctx = NULL;
-        pg->event_cb = NULL;
-        pg->event_ctx = NULL;
-        pg->drain_pending = false;
+        forget_owner(pg);
         pg->errbuf[0] = '\0';
         h2o_linklist_insert(pool->idle.next, &pg->idle_link);
         pg->idle = true;
@@ -242,12 +248,7 @@ static void recycle(ji_pg_pool_t *pool, ji_pg_t *pg, const char *copy_abort_msg,
     if (pg == NULL || pg->freed)
         return;
     assert(pg->pool == pool && pg->handed_out && !pg->recycling);
-    pg->ready_cb = NULL;
-    pg->result_cb = NULL;
-    pg->op_ctx = NULL;
-    pg->event_cb = NULL;
-    pg->event_ctx = NULL;
-    pg->drain_pending = false;
+    forget_owner(pg);
     if (pg->ready_pending) {
         /* handed out from the idle list, its ready callback not delivered yet */
         h2o_timeout_unlink(&pg->defer_entry);
