@@ -31,6 +31,13 @@
 #include "server.h"
 
 static const char SQL_BEGIN[] = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+/*
+ * The first statement of the snapshot: a committed batch with rows at or above the horizon (its ids interleave
+ * with a batch still in flight) would be cut; the horizon comes down to its first row, so it is whole or absent.
+ */
+static const char SQL_WHOLE_BATCHES[] =
+    "SELECT least($1::bigint, (SELECT min(u.user_id) FROM users u WHERE u.batch_id IN "
+    "(SELECT batch_id FROM users WHERE user_id >= $1::bigint)))";
 static const char SQL_PAGE[] =
     "SELECT " JI_USER_COLUMNS " FROM users WHERE user_id > $1 AND user_id < $3 ORDER BY user_id LIMIT $2";
 
@@ -204,21 +211,39 @@ static void export_on_page(ji_pg_t *pg, void *ctx, PGresult *res, const char *er
         export_flush(e);
 }
 
-static void export_on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+static void export_on_whole_batches(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     export_t *e = ctx;
     const char *why;
 
     (void)pg;
+    if (err != NULL) {
+        export_refuse(e, JI_ERR_DB, err);
+        return;
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+        export_refuse(e, JI_ERR_INTERNAL, "unexpected answer from the database");
+        return;
+    }
+    snprintf(e->params[2], sizeof(e->params[2]), "%s", PQgetvalue(res, 0, 0));
+    if ((why = export_fetch(e)) != NULL)
+        export_refuse(e,
+                      atomic_load_explicit(&e->w->server->stopping, memory_order_relaxed) ? JI_ERR_STOPPING : JI_ERR_DB,
+                      why);
+}
+
+static void export_on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    export_t *e = ctx;
+    const char *params[1] = {e->params[2]};
+
     (void)res;
     if (err != NULL) {
         export_refuse(e, JI_ERR_DB, err);
         return;
     }
-    if ((why = export_fetch(e)) != NULL)
-        export_refuse(e,
-                      atomic_load_explicit(&e->w->server->stopping, memory_order_relaxed) ? JI_ERR_STOPPING : JI_ERR_DB,
-                      why);
+    if (ji_pg_query(pg, SQL_WHOLE_BATCHES, 1, params, export_on_whole_batches, e) != 0)
+        export_refuse(e, JI_ERR_DB, ji_pg_error(pg));
 }
 
 static void export_on_horizon(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)

@@ -202,3 +202,30 @@ def test_export_cut_by_the_database_is_a_broken_transfer_for_curl(start_server, 
     assert rc == 56 and "chunked" in err, (rc, err)
     assert out.stat().st_size < 200_000 * 100
     assert srv.healthy()
+
+
+def test_a_batch_interleaved_with_one_in_flight_is_withheld_whole(server, db):
+    """B starts, A starts (the horizon is A's first id), B goes on past it and commits while A streams: B's ids lie
+    on both sides of the horizon. An export shows none of B (never a cut batch), and all of it once A ended."""
+    b = SlowUpload(server)
+    b.send(rows("interleave-b", 0, 2000))
+    b_mark = wait_ids_taken(db, 0)  # B's first rows reached the database
+    time.sleep(0.2)
+    b_mark = seq_last(db)
+    a = SlowUpload(server)
+    a.send(rows("interleave-a", 0, 2000))
+    wait_ids_taken(db, b_mark)  # A's first rows took ids after B's
+    a_first = b_mark + 1
+    b.send(rows("interleave-b", 2000, 2000))
+    r = b.finish()
+    assert r.status == 200, r
+    jb = r.json()
+    assert jb["first_user_id"] < a_first < jb["last_user_id"], (jb, a_first)
+    seen = export_page(server, 0, limit=100000)
+    b_ids = set(range(jb["first_user_id"], jb["last_user_id"] + 1))
+    assert not b_ids & set(seen), "an export showed part of a committed batch"
+    r = a.finish()
+    assert r.status == 200, r
+    seen = export_page(server, 0, limit=100000)
+    assert len(set(seen) & {int(x) for x in db.sql(
+        f"SELECT string_agg(user_id::text, ',') FROM users WHERE batch_id = {jb['batch_id']}").split(",")}) == 4000
