@@ -6,7 +6,7 @@ Environment:
                its own fresh database on that server (ji_it_<module>), and
                every table in it is truncated before each test
   JI_FIGURES   file the measured figures go to (emptied when the session starts; scripts/test prints it)
-  JI_SUITE_BUDGET  seconds; tests starting after that fail at once (default 720)
+  JI_SUITE_BUDGET  seconds; tests starting after that fail at once (default 1200)
   JI_DESELECT  markers whose tests are left out, comma-separated (meson.build: "memory" in a
                sanitizer build, whatever -m says)
 
@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
 
 # ------------------------------------------------------------------ time limits
 def pytest_runtest_setup(item):
-    budget = float(os.environ.get("JI_SUITE_BUDGET", "720"))
+    budget = float(os.environ.get("JI_SUITE_BUDGET", "1200"))
     if time.monotonic() - _SESSION_START > budget:
         pytest.fail(f"suite time budget of {budget:.0f} s used up; not running this test", pytrace=False)
 
