@@ -66,6 +66,7 @@ struct st_ji_worker_t {
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;
+    _Atomic bool draining_busy; /**< stopping: requests still run on this worker (idle connections wait for all) */
 };
 
 /** The worker that owns an h2o context. */

@@ -398,8 +398,11 @@ void ji_front_door_drain(ji_worker_t *w, bool grace_over)
         if (grace_over && c->state == JI_CONN_UPLOAD && c->upload != NULL)
             ji_upload_stop(c->upload);
     }
-    if (busy)
-        return; /* idle connections stay while others drain: a health check on one learns "stopping", then it closes */
+    /* idle connections stay while requests run on any worker: a health check on one learns "stopping" */
+    atomic_store_explicit(&w->draining_busy, busy, memory_order_relaxed);
+    for (unsigned i = 0; i < w->server->nworkers; i++)
+        if (atomic_load_explicit(&w->server->workers[i].draining_busy, memory_order_relaxed))
+            return;
     for (node = w->conns.next; node != &w->conns; node = next) {
         ji_conn_t *c = H2O_STRUCT_FROM_MEMBER(ji_conn_t, link, node);
         next = node->next;

@@ -171,8 +171,8 @@ int ji_request_head_parse(ji_request_head_t *h, const char *buf, size_t len, ji_
             if (take_once(&h->authorization, hdr, "Authorization", err) != 0)
                 return -1;
         } else if (ji_header_is(hdr, "content-type")) {
-            if (take_once(&h->content_type, hdr, "Content-Type", err) != 0)
-                return -1;
+            if (h->content_type == NULL) /* the first one counts (only this module reads it) */
+                h->content_type = hdr;
         } else if (ji_header_is(hdr, "idempotency-key")) {
             if (take_once(&h->idempotency_key, hdr, "Idempotency-Key", err) != 0)
                 return -1;
