@@ -211,21 +211,29 @@ static void export_on_page(ji_pg_t *pg, void *ctx, PGresult *res, const char *er
         export_flush(e);
 }
 
+/** Keeps the horizon a statement answered (one bigint) in the page query's parameters; false after refusing. */
+static bool take_horizon(export_t *e, PGresult *res, const char *err)
+{
+    if (err != NULL) {
+        export_refuse(e, JI_ERR_DB, err);
+        return false;
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
+        export_refuse(e, JI_ERR_INTERNAL, "unexpected answer from the database");
+        return false;
+    }
+    snprintf(e->params[2], sizeof(e->params[2]), "%s", PQgetvalue(res, 0, 0));
+    return true;
+}
+
 static void export_on_whole_batches(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     export_t *e = ctx;
     const char *why;
 
     (void)pg;
-    if (err != NULL) {
-        export_refuse(e, JI_ERR_DB, err);
+    if (!take_horizon(e, res, err))
         return;
-    }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-        export_refuse(e, JI_ERR_INTERNAL, "unexpected answer from the database");
-        return;
-    }
-    snprintf(e->params[2], sizeof(e->params[2]), "%s", PQgetvalue(res, 0, 0));
     if ((why = export_fetch(e)) != NULL)
         export_refuse(e,
                       atomic_load_explicit(&e->w->server->stopping, memory_order_relaxed) ? JI_ERR_STOPPING : JI_ERR_DB,
@@ -250,15 +258,8 @@ static void export_on_horizon(ji_pg_t *pg, void *ctx, PGresult *res, const char 
 {
     export_t *e = ctx;
 
-    if (err != NULL) {
-        export_refuse(e, JI_ERR_DB, err);
+    if (!take_horizon(e, res, err))
         return;
-    }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1 || PQgetisnull(res, 0, 0)) {
-        export_refuse(e, JI_ERR_INTERNAL, "unexpected answer from the database");
-        return;
-    }
-    snprintf(e->params[2], sizeof(e->params[2]), "%s", PQgetvalue(res, 0, 0));
     if (ji_pg_query(pg, SQL_BEGIN, 0, NULL, export_on_begin, e) != 0)
         export_refuse(e, JI_ERR_DB, ji_pg_error(pg));
 }
