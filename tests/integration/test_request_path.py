@@ -432,3 +432,33 @@ def test_uploads_on_one_kept_alive_connection_give_their_places_back(start_serve
     finally:
         c.close()
     assert db.count_users() == 5
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_file_descriptors_does_not_spin(start_server):
+    """Past the open-files limit accept() fails with EMFILE and the listener stays readable: the loops pause
+    accepting (JI_ACCEPT_PAUSE_MS) instead of spinning, and serve again once descriptors are free."""
+    import resource
+    srv = start_server(args=["--threads", "2", "--idle-timeout", "30"])
+    resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (96, 96))
+    held = []
+    try:
+        for _ in range(150):
+            try:
+                held.append(socket.create_connection((srv.host, srv.port), timeout=2))
+            except OSError:
+                break
+        time.sleep(0.5)
+        before = cpu_seconds(srv.proc.pid)
+        time.sleep(3)
+        used = cpu_seconds(srv.proc.pid) - before
+        assert used < 0.6, f"{used:.2f} CPU seconds in 3 s at the descriptor limit"
+    finally:
+        for s in held:
+            s.close()
+    assert helpers.wait_for(srv.healthy, timeout=10)
