@@ -65,13 +65,13 @@ void ji_conn_close(ji_conn_t *c)
     ji_conn_pause_reading(c);
     if (h2o_linklist_is_linked(&c->link))
         h2o_linklist_unlink(&c->link);
+    if (c->bridge != NULL) { /* first: its request may point into the upload's body (the JSON-array mode) */
+        ji_bridge_abort(c->bridge);
+        c->bridge = NULL;
+    }
     if (c->upload != NULL) {
         ji_upload_free(c->upload); /* aborts an unfinished request */
         c->upload = NULL;
-    }
-    if (c->bridge != NULL) {
-        ji_bridge_abort(c->bridge);
-        c->bridge = NULL;
     }
     ji_text_free(&c->response);
     if (c->sock != NULL) {
