@@ -462,3 +462,24 @@ def test_out_of_file_descriptors_does_not_spin(start_server):
         for s in held:
             s.close()
     assert helpers.wait_for(srv.healthy, timeout=10)
+
+
+def test_refusals_have_their_own_labels_not_db_errors(start_server, db):
+    srv = start_server(args=["--max-ingests", "1", "--min-body-rate", "0"])
+    body = record(1)
+    held = helpers.HTTPConn(srv.host, srv.port)
+    try:
+        held.send(helpers.post_head("/users", length=len(body)) + body[:5])
+        time.sleep(0.3)
+        for _ in range(3):
+            assert head_only(srv, helpers.post_head("/users", length=len(body))).status == 503
+        held.send(body[5:])
+        assert held.read_response().status == 200
+    finally:
+        held.close()
+    st, _, text = helpers.raw_request(srv.host, srv.port,
+                                      b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    values = dict(l.rsplit(" ", 1) for l in text.decode().splitlines() if l and not l.startswith("#"))
+    assert values['jsonl_ingest_refused_total{reason="max_ingests"}'] == "3", text
+    assert values['jsonl_ingest_errors_total{kind="db"}'] == "0", text
+    assert values['jsonl_ingest_errors_total{kind="busy"}'] == "0", text
