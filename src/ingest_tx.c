@@ -292,6 +292,15 @@ static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(pg));
 }
 
+/** COPY can take rows: the last ones when the body ended, else the owner's next bytes. */
+static void go_on_streaming(ji_ingest_t *in)
+{
+    if (in->ended)
+        ji_ingest_finish_rows(in);
+    else
+        ji_ingest_resume_owner(in);
+}
+
 static void on_pg_event(ji_pg_t *pg, void *ctx, const char *err)
 {
     ji_ingest_t *in = ctx;
@@ -302,12 +311,8 @@ static void on_pg_event(ji_pg_t *pg, void *ctx, const char *err)
         return;
     }
     in->paused = false;
-    if (in->state != ST_STREAMING)
-        return;
-    if (in->ended)
-        ji_ingest_finish_rows(in);
-    else
-        ji_ingest_resume_owner(in);
+    if (in->state == ST_STREAMING)
+        go_on_streaming(in);
 }
 
 static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -320,10 +325,7 @@ static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
     }
     in->state = ST_STREAMING;
     ji_pg_set_event_cb(pg, on_pg_event, in);
-    if (in->ended)
-        ji_ingest_finish_rows(in);
-    else
-        ji_ingest_resume_owner(in);
+    go_on_streaming(in);
 }
 
 /** The batch's lower bound is visible to exports (export.h) until COMMIT or ROLLBACK: its COPY may take ids. */

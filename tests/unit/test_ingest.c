@@ -13,6 +13,7 @@
 #include "ingest.h"
 #include "schema.h"
 #include "unit.h"
+#include "unit_loop.h"
 
 #include <dirent.h>
 #include <inttypes.h>
@@ -39,19 +40,11 @@ static ji_ingest_env_t env;
 
 /* ------------------------------------------------------------------ loop and database helpers */
 
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#define now_sec unit_now_sec
 
 static bool run_until(const bool *flag, double seconds)
 {
-    double deadline = now_sec() + seconds;
-    while (!*flag && now_sec() < deadline)
-        h2o_evloop_run(loop, 10);
-    return *flag;
+    return unit_run_until(loop, flag, seconds);
 }
 
 /** Runs the loop until no connection of the pool is busy (rollbacks and sweeps in the background are done). */

@@ -11,6 +11,7 @@
 #include "row_encoder.h"
 #include "schema.h"
 #include "unit.h"
+#include "unit_loop.h"
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -27,21 +28,8 @@ static const char *db_url;
 
 /* ---- loop helpers ---- */
 
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/** Runs the loop until *flag turns true or `seconds` pass; returns *flag. */
-static bool run_until(h2o_loop_t *loop, const bool *flag, double seconds)
-{
-    double deadline = now_sec() + seconds;
-    while (!*flag && now_sec() < deadline)
-        h2o_evloop_run(loop, 20);
-    return *flag;
-}
+#define now_sec unit_now_sec
+#define run_until unit_run_until
 
 /** Runs the loop a little so that closed sockets get disposed of before the loop is destroyed. */
 static void settle(h2o_loop_t *loop)

@@ -8,6 +8,7 @@
  */
 #include "pg.h"
 #include "unit.h"
+#include "unit_loop.h"
 
 #include <dirent.h>
 #include <stdlib.h>
@@ -16,28 +17,10 @@
 
 static const char *db_url;
 
-static double now_sec(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#define now_sec unit_now_sec
+#define run_until unit_run_until
 
-/** Runs the loop until *flag turns true or `seconds` pass; returns *flag. */
-static bool run_until(h2o_loop_t *loop, const bool *flag, double seconds)
-{
-    double deadline = now_sec() + seconds;
-    while (!*flag && now_sec() < deadline)
-        h2o_evloop_run(loop, 20);
-    return *flag;
-}
-
-static void run_for(h2o_loop_t *loop, double seconds)
-{
-    double deadline = now_sec() + seconds;
-    while (now_sec() < deadline)
-        h2o_evloop_run(loop, 10);
-}
+#define run_for unit_run_for
 
 static int count_fds(void)
 {
