@@ -208,6 +208,9 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
 {
     memset(w, 0, sizeof(*w));
     w->server = server;
+    /* busy until this loop's own first drain pass says otherwise: a loop that drains first must not close its idle
+     * connections while another still runs a request it has not reported yet */
+    atomic_init(&w->draining_busy, true);
     h2o_linklist_init_anchor(&w->conns);
     h2o_context_init(&w->ctx, h2o_evloop_create(), &server->h2o_config);
     w->accept_ctx.ctx = &w->ctx;
@@ -469,6 +472,8 @@ int ji_server_run(const ji_config_t *config)
     for (i = 1; i < config->threads; i++) {
         if (pthread_create(&threads[i], NULL, worker_run, &workers[i]) != 0) {
             fprintf(stderr, "cannot start thread %u\n", i);
+            for (unsigned j = i; j < config->threads; j++)
+                atomic_store(&workers[j].draining_busy, false); /* these loops never run */
             atomic_store(&server.stopping, true);
             break;
         }

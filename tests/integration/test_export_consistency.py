@@ -169,6 +169,12 @@ def test_one_export_shows_a_batch_whole_or_not_at_all(server, db):
     assert a_ids <= set(export_page(server, 0, 200000))
 
 
+# horizon locks held in this database by ingests in flight (include/export.h)
+HORIZON_LOCKS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 "
+                 "AND classid::bigint >> 24 = 74 AND database = (SELECT oid FROM pg_database "
+                 "WHERE datname = current_database())")
+
+
 def dechunk(body):
     out, i = [], 0
     while True:
@@ -188,12 +194,20 @@ def test_export_cut_by_the_database_is_a_broken_transfer_for_curl(start_server, 
     db.sql("INSERT INTO batches (batch_key) VALUES ('cut-export')")
     db.sql("INSERT INTO users (name, email, batch_id) SELECT 'n' || g || repeat('x', 100), 'e' || g || '@x.org', "
            "(SELECT max(batch_id) FROM batches) FROM generate_series(1, 200000) g")
-    out = tmp_path / "export.jsonl"
-    p = subprocess.Popen(["curl", "-sS", "--limit-rate", "2M", "-o", str(out), f"{srv.base}/users"],
-                         stderr=subprocess.PIPE)
+    # no ingest of an earlier test may still hold a horizon lock here: the export would stop below these rows
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 100_000):
+    while time.monotonic() < deadline and db.sql(HORIZON_LOCKS) != "0":
+        time.sleep(0.1)
+    assert db.sql(HORIZON_LOCKS) == "0", "an earlier ingest still holds its export-horizon lock"
+    out, head = tmp_path / "export.jsonl", tmp_path / "export.head"
+    p = subprocess.Popen(["curl", "-sS", "--limit-rate", "2M", "-D", str(head), "-o", str(out), f"{srv.base}/users"],
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and p.poll() is None and (not out.exists() or out.stat().st_size < 100_000):
         time.sleep(0.05)
+    got = out.read_bytes()[:300] if out.exists() else b""
+    assert out.exists() and out.stat().st_size >= 100_000, \
+        ("the export did not stream", p.poll(), head.read_text() if head.exists() else "", got)
     # the export's connection: the one in a read-only transaction
     db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
