@@ -4,7 +4,8 @@
  * once (picohttpparser) into ji_request_head_t; framing (Content-Length,
  * chunked, Expect, Connection), duplicate and malformed headers, the bearer
  * token, Origin and Host are judged here; and for POST /users the query
- * options, the format rules, Content-Encoding and the Idempotency-Key.
+ * options, the format rules, Content-Encoding, the Idempotency-Key and the
+ * Content-Digest.
  * Nothing here touches a socket: the front door feeds it bytes and acts on
  * the verdict, and the fuzz target feeds it anything.
  */
@@ -12,6 +13,7 @@
 #define JI_REQUEST_RULES_H
 
 #include "common.h"
+#include "content_digest.h"
 #include "picohttp.h"
 
 typedef enum { JI_FORMAT_UNDECIDED, JI_FORMAT_JSONL, JI_FORMAT_ARRAY } ji_format_t;
@@ -39,6 +41,7 @@ typedef struct st_ji_request_head_t {
 
     /* headers the rules look at (NULL when absent) */
     const struct phr_header *host, *origin, *authorization, *content_type, *idempotency_key, *forwarded_for;
+    const struct phr_header *content_digest; /**< judged per route (ji_upload_options_parse) */
     ji_content_encoding_t encoding;
     bool unknown_encoding; /**< a Content-Encoding other than gzip/identity (judged per route) */
 } ji_request_head_t;
@@ -52,7 +55,8 @@ static inline bool ji_request_has_body(const ji_request_head_t *h)
 /**
  * Parses the head at the front of `buf`. 0 = parsed (h filled), 1 = incomplete (read more), -1 = refused (`err`
  * filled: 400 malformed or ambiguous framing, 431 over JI_MAX_HEAD_BYTES or JI_MAX_HEADERS, 501 an unknown
- * Transfer-Encoding, 417 an unknown Expect, 400 a duplicate Authorization or Host).
+ * Transfer-Encoding, 417 an unknown Expect, 400 a duplicate Authorization, Host, Origin, Idempotency-Key or
+ * Content-Digest).
  */
 int ji_request_head_parse(ji_request_head_t *h, const char *buf, size_t len, ji_error_t *err) JI_MUST_CHECK;
 
@@ -85,11 +89,12 @@ typedef struct st_ji_upload_options_t {
     bool skip_errors;   /**< ?on_error=skip */
     ji_content_encoding_t encoding;
     char idempotency_key[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1]; /**< "" when none (quotes of the quoted form removed) */
+    ji_content_digest_expect_t digest; /**< Content-Digest: the digests to check (none: all false) */
 } ji_upload_options_t;
 
 /**
- * The upload's options from its head: query (format, on_error), Content-Type, Content-Encoding and
- * Idempotency-Key. 0, or -1 with `err` (415 unknown format or encoding, 400 bad on_error or key).
+ * The upload's options from its head: query (format, on_error), Content-Type, Content-Encoding, Idempotency-Key
+ * and Content-Digest. 0, or -1 with `err` (415 unknown format or encoding, 400 bad on_error, key or digest).
  */
 int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, ji_error_t *err) JI_MUST_CHECK;
 

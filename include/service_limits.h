@@ -97,6 +97,12 @@
 /** Expired keys cleared by one sweep statement: a sweep stays short however many keys expired at once. */
 #define JI_IDEMPOTENCY_SWEEP_ROWS 1000
 /**
+ * Longest Content-Digest header value (bytes). Both known digests with their keys take 158 bytes
+ * (`sha-256=:<44>:, sha-512=:<88>:`); 1024 leaves room for a few algorithms the service ignores, and bounds the
+ * work of parsing a dictionary nobody needs to be long.
+ */
+#define JI_MAX_CONTENT_DIGEST_BYTES 1024
+/**
  * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
  * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
  */

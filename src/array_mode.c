@@ -1,7 +1,7 @@
 /*
  * array_mode.c — the JSON-array mode as an ordinary h2o handler: admits the
  * request (an upload place and its share of the array memory budget),
- * inflates a gzip body, pre-scans the text (nesting, values: what the tree
+ * checks the Content-Digest over the body as received, inflates a gzip body, pre-scans the text (nesting, values: what the tree
  * will cost) and refuses what is too deep or too big, copies the buffered
  * body, checks it whole (strict UTF-8, the `\u` escapes yajl would mangle),
  * lets yajl_tree_parse build the tree, then walks the elements into an ingest
@@ -17,6 +17,7 @@
 #include <yajl/yajl_tree.h>
 
 #include "array_scan.h"
+#include "content_digest.h"
 #include "escape_scan.h"
 #include "gunzip.h"
 #include "handler_reply.h"
@@ -319,6 +320,24 @@ static void keep_reserved(array_req_t *a, uint64_t need)
     }
 }
 
+/**
+ * The Content-Digest header, if any, over the body as received (after chunked framing, before gzip): the whole
+ * body is at hand, so it is checked before anything is built from it. The head's rules refused a malformed or
+ * repeated header already. 0, or -1 with `err` (400 on a mismatch).
+ */
+static int check_digest(h2o_req_t *req, ji_error_t *err)
+{
+    ssize_t i = h2o_find_header_by_str(&req->headers, H2O_STRLIT("content-digest"), -1);
+    ji_content_digest_expect_t expect;
+
+    if (i == -1)
+        return 0;
+    if (ji_content_digest_parse(&expect, req->headers.entries[i].value.base, req->headers.entries[i].value.len, err) !=
+        0)
+        return -1;
+    return ji_content_digest_check(&expect, req->entity.base != NULL ? req->entity.base : "", req->entity.len, err);
+}
+
 /** Answers with `err` after giving back everything the request holds. */
 static int fail(array_req_t *a, const ji_error_t *err)
 {
@@ -390,6 +409,8 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
         ji_reply_error(req, &err);
         return 0;
     }
+    if (check_digest(req, &err) != 0)
+        return fail(a, &err);
     if (ce != -1 &&
         !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len, H2O_STRLIT("identity"))) {
         h2o_iovec_t v = req->headers.entries[ce].value;

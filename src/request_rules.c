@@ -1,7 +1,8 @@
 /*
  * request_rules.c — parses a request head once and judges it: framing, the
  * headers that must not repeat, who may ask (token, Origin, Host), and what a
- * POST /users asks for (format, on_error, Content-Encoding, Idempotency-Key).
+ * POST /users asks for (format, on_error, Content-Encoding, Idempotency-Key,
+ * Content-Digest).
  */
 #include "request_rules.h"
 
@@ -176,6 +177,9 @@ int ji_request_head_parse(ji_request_head_t *h, const char *buf, size_t len, ji_
         } else if (ji_header_is(hdr, "idempotency-key")) {
             if (take_once(&h->idempotency_key, hdr, "Idempotency-Key", err) != 0)
                 return -1;
+        } else if (ji_header_is(hdr, "content-digest")) {
+            if (take_once(&h->content_digest, hdr, "Content-Digest", err) != 0)
+                return -1;
         } else if (ji_header_is(hdr, "x-forwarded-for")) {
             h->forwarded_for = hdr; /* the last one holds the nearest hop */
         }
@@ -297,6 +301,9 @@ int ji_upload_options_parse(ji_upload_options_t *o, const ji_request_head_t *h, 
             return -1;
         ji_idempotency_key_copy(o->idempotency_key, h->idempotency_key->value, h->idempotency_key->value_len);
     }
+    if (h->content_digest != NULL &&
+        ji_content_digest_parse(&o->digest, h->content_digest->value, h->content_digest->value_len, err) != 0)
+        return -1;
     return 0;
 }
 

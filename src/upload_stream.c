@@ -6,7 +6,9 @@
  * gzip is inflated in slices, and the bytes are fed to an ingest, with
  * reading paused whenever the ingest is full. A JSON array is read whole
  * (bounded by --max-array-bytes) and handed to the array mode through the
- * h2o bridge. A body slower than --min-body-rate is cut.
+ * h2o bridge. A body slower than --min-body-rate is cut. With a
+ * Content-Digest, the streamed body is hashed as it is taken from the wire
+ * and checked before the ingest may commit.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,7 @@
 #include "array_mode.h"
 #include "body_decoder.h"
 #include "conn.h"
+#include "content_digest.h"
 #include "gunzip.h"
 #include "ingest.h"
 
@@ -38,6 +41,7 @@ struct st_ji_upload_t {
     bool admitted;    /**< holds an upload place (--max-ingests, database ready) */
     uint64_t memory;  /**< bytes of --max-memory held */
     ji_ingest_t *ingest;
+    ji_content_digest_t *digest; /**< Content-Digest of a stream: the wire bytes hashed (NULL: no check) */
 
     /* feeding */
     bool flush_due;
@@ -100,6 +104,7 @@ void ji_upload_free(ji_upload_t *u)
     if (u->client_slot)
         ji_client_slots_release(&w->server->client_slots, u->conn->client);
     ji_gunzip_free(u->gunzip);
+    ji_content_digest_free(u->digest);
     free(u->inflated);
     free(u->head_copy);
     free(u->array_body);
@@ -288,9 +293,15 @@ static const ji_ingest_callbacks_t ingest_callbacks = {on_ingest_resume, on_inge
 
 /* ------------------------------------------------------------------ the streamed body */
 
-/** Every body byte was given to the ingest: stop reading and let it commit. */
+/** Every body byte was given to the ingest: stop reading and let it commit (unless the Content-Digest differs). */
 static void body_complete(ji_upload_t *u)
 {
+    ji_error_t err;
+
+    if (u->digest != NULL && ji_content_digest_verify(u->digest, &err) != 0) {
+        fail(u, &err);
+        return;
+    }
     ji_conn_pause_reading(u->conn);
     u->state = UPLOAD_FINISHING;
     ji_ingest_end(u->ingest);
@@ -313,9 +324,12 @@ static bool wait_for_more(ji_upload_t *u, size_t have, bool ended)
     return true;
 }
 
+/** `n` body bytes at the front of the input buffer are done with (hashed first: the content as received). */
 static void consume_wire(ji_upload_t *u, size_t n)
 {
     if (n != 0) {
+        if (u->digest != NULL)
+            ji_content_digest_update(u->digest, u->conn->sock->input->bytes, n);
         h2o_buffer_consume(&u->conn->sock->input, n);
         ji_body_decoder_consumed(&u->body, n);
     }
@@ -486,6 +500,8 @@ static int start_stream(ji_upload_t *u, ji_error_t *err)
     if (u->options.encoding == JI_ENCODING_GZIP &&
         ((u->gunzip = ji_gunzip_new(config_of(u)->max_inflated_bytes)) == NULL ||
          (u->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL))
+        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+    if (ji_content_digest_wanted(&u->options.digest) && (u->digest = ji_content_digest_new(&u->options.digest)) == NULL)
         return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
     ji_conn_pause_reading(u->conn); /* nothing is read until the ingest is ready: it resumes us */
     if ((u->ingest = ji_ingest_new(&w->ingest_env, &u->params, &ingest_callbacks, u)) == NULL)
