@@ -2,9 +2,9 @@
  * fuzz_request_head.c — libFuzzer target over the request rules: the head
  * parser (framing, duplicate headers, limits), the route table, the policy
  * check (Origin, Host, bearer token), the upload options (query, Content-Type,
- * Content-Encoding, Idempotency-Key) and the first-byte rule. Any input must
- * end in a verdict, never a crash, and a parsed head must point inside the
- * input.
+ * Content-Encoding, Idempotency-Key, Content-Digest) and the first-byte rule.
+ * Any input must end in a verdict, never a crash, a parsed head must point
+ * inside the input, and only a Content-Digest header asks for a digest check.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -53,7 +53,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (size_t i = 0; i < sizeof(policies) / sizeof(policies[0]); i++)
             (void)!ji_request_check_policy(&head, &policies[i], true, true, &err);
         if (ji_upload_options_parse(&options, &head, &err) == 0 &&
-            strlen(options.idempotency_key) > JI_MAX_IDEMPOTENCY_KEY_BYTES)
+            (strlen(options.idempotency_key) > JI_MAX_IDEMPOTENCY_KEY_BYTES ||
+             (head.content_digest == NULL && ji_content_digest_wanted(&options.digest))))
             abort();
         (void)ji_body_is_array(buf + head.head_len, size - head.head_len);
     } else if (r < 0 && ji_error_http_status(err.kind) < 400) {
