@@ -41,13 +41,17 @@ int ji_content_digest_parse(ji_content_digest_expect_t *e, const char *value, si
 /** True when `e` names at least one known algorithm (there is something to check). */
 bool ji_content_digest_wanted(const ji_content_digest_expect_t *e);
 
-/** The hashing of one body, piece by piece: one OpenSSL EVP context per algorithm expected. */
+/**
+ * The hashing of one body, piece by piece: one OpenSSL EVP context per algorithm expected. Past the first
+ * JI_DIGEST_INLINE_BYTES the hashing runs on a helper thread of the context (JI_DIGEST_BUFFER_BYTES of queue);
+ * the calls themselves belong to one thread.
+ */
 typedef struct st_ji_content_digest_t ji_content_digest_t;
 
 /** A context for the algorithms `e` expects (copied). NULL when out of memory or OpenSSL refuses. */
 ji_content_digest_t *ji_content_digest_new(const ji_content_digest_expect_t *e);
 
-/** Hashes the next `len` bytes of the content. */
+/** Hashes the next `len` bytes of the content (copied when the helper hashes them: `data` may go at once). */
 void ji_content_digest_update(ji_content_digest_t *d, const void *data, size_t len);
 
 /**

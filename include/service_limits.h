@@ -103,6 +103,15 @@
  */
 #define JI_MAX_CONTENT_DIGEST_BYTES 1024
 /**
+ * Content-Digest on a streamed body: the first bytes hashed on the event loop itself (a small body starts no
+ * thread); past them a helper thread of the upload hashes, fed through a ring of JI_DIGEST_BUFFER_BYTES (reserved
+ * from --max-memory with the upload) in slices of at most JI_DIGEST_SLICE_BYTES. On the loop, SHA-512 (~650 MB/s
+ * here) took a fifth of an upload's speed; with the helper the loop only copies (docs/benchmarks.md).
+ */
+#define JI_DIGEST_INLINE_BYTES (1u * 1024 * 1024)
+#define JI_DIGEST_BUFFER_BYTES (2u * 1024 * 1024)
+#define JI_DIGEST_SLICE_BYTES (256u * 1024)
+/**
  * Kernel receive buffer of a client socket. h2o reads until the socket is empty, so this also bounds how much
  * one read burst adds to the input buffer (without it, loopback autotuning lets a burst reach megabytes).
  */

@@ -2,12 +2,15 @@
  * content_digest.c — owns the Content-Digest header (RFC 9530): a strict
  * RFC 8941 Dictionary parser (keys, every bare item type, inner lists,
  * parameters), the digests of the known algorithms taken from it, and their
- * check over the content with OpenSSL's EVP interface, streamed or whole.
+ * check over the content with OpenSSL's EVP interface, streamed (past its
+ * first MiB on a helper thread of its own) or whole.
  */
 #include "content_digest.h"
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -394,13 +397,114 @@ Bad:
 
 /* ------------------------------------------------------------------ hashing */
 
+/*
+ * The streaming context hashes the first JI_DIGEST_INLINE_BYTES of the content on the caller's thread (a small
+ * body costs no thread). Past them a helper thread takes over: the caller copies each piece into a ring of
+ * JI_DIGEST_BUFFER_BYTES and goes on, the helper hashes from the ring in order. The caller waits only when the
+ * ring is full (the helper is the slower side: the caller would have spent that time hashing anyway) and, at
+ * verify, for what is still queued. SHA-512 at ~650 MB/s on the event loop cost an upload a fifth of its speed.
+ */
 struct st_ji_content_digest_t {
     ji_content_digest_expect_t expect;
     EVP_MD_CTX *ctx[JI_DIGEST_ALG_COUNT]; /**< NULL for an algorithm not expected */
-    bool failed;
-    bool verified;      /**< the verdict is known: updates are ignored, verify answers it again */
-    ji_error_t verdict; /**< JI_ERR_NONE: every digest matched */
+    bool failed;           /**< an EVP call failed (written by whichever thread hashes, read after the join) */
+    bool verified;         /**< the verdict is known: updates are ignored, verify answers it again */
+    ji_error_t verdict;    /**< JI_ERR_NONE: every digest matched */
+    uint64_t inline_bytes; /**< bytes hashed on the caller's thread */
+
+    /* the helper, once the content passed JI_DIGEST_INLINE_BYTES */
+    bool threaded, joined;
+    pthread_t thread;
+    pthread_mutex_t mutex;
+    pthread_cond_t more, room; /**< bytes were queued / room was freed */
+    char *ring;                /**< JI_DIGEST_BUFFER_BYTES */
+    size_t head, queued;       /**< the oldest byte not hashed yet, and how many are queued (under `mutex`) */
+    bool stop;                 /**< the helper ends once the queue is empty... */
+    bool abandon;              /**< ...or at once */
 };
+
+static void hash_now(ji_content_digest_t *d, const void *data, size_t len)
+{
+    for (int a = 0; a < JI_DIGEST_ALG_COUNT; a++)
+        if (d->ctx[a] != NULL && EVP_DigestUpdate(d->ctx[a], data, len) != 1)
+            d->failed = true;
+}
+
+static size_t min_size(size_t a, size_t b)
+{
+    return a < b ? a : b;
+}
+
+static void *helper_main(void *arg)
+{
+    ji_content_digest_t *d = arg;
+
+    pthread_mutex_lock(&d->mutex);
+    for (;;) {
+        size_t n;
+        while (d->queued == 0 && !d->stop)
+            pthread_cond_wait(&d->more, &d->mutex);
+        if (d->abandon || d->queued == 0)
+            break;
+        n = min_size(min_size(d->queued, JI_DIGEST_BUFFER_BYTES - d->head), JI_DIGEST_SLICE_BYTES);
+        pthread_mutex_unlock(&d->mutex);
+        hash_now(d, d->ring + d->head, n); /* the caller never writes where queued bytes lie */
+        pthread_mutex_lock(&d->mutex);
+        d->head = (d->head + n) % JI_DIGEST_BUFFER_BYTES;
+        d->queued -= n;
+        pthread_cond_signal(&d->room);
+    }
+    pthread_mutex_unlock(&d->mutex);
+    return NULL;
+}
+
+/** Starts the helper. False (and nothing held) when it cannot: the caller goes on hashing itself. */
+static bool start_helper(ji_content_digest_t *d)
+{
+    sigset_t all, old;
+    int r;
+
+    if ((d->ring = malloc(JI_DIGEST_BUFFER_BYTES)) == NULL)
+        return false;
+    if (pthread_mutex_init(&d->mutex, NULL) != 0)
+        goto NoMutex;
+    if (pthread_cond_init(&d->more, NULL) != 0)
+        goto NoMore;
+    if (pthread_cond_init(&d->room, NULL) != 0)
+        goto NoRoom;
+    sigfillset(&all); /* signals stay with the server's own threads */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    r = pthread_create(&d->thread, NULL, helper_main, d);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r != 0)
+        goto NoThread;
+    d->threaded = true;
+    return true;
+NoThread:
+    pthread_cond_destroy(&d->room);
+NoRoom:
+    pthread_cond_destroy(&d->more);
+NoMore:
+    pthread_mutex_destroy(&d->mutex);
+NoMutex:
+    free(d->ring);
+    d->ring = NULL;
+    return false;
+}
+
+/** Lets the helper end (after the queue, or at once when `abandon`) and waits for it. */
+static void join_helper(ji_content_digest_t *d, bool abandon)
+{
+    if (!d->threaded || d->joined)
+        return;
+    pthread_mutex_lock(&d->mutex);
+    d->stop = true;
+    d->abandon = abandon;
+    pthread_cond_signal(&d->more);
+    pthread_mutex_unlock(&d->mutex);
+    pthread_join(d->thread, NULL);
+    d->joined = true;
+}
 
 ji_content_digest_t *ji_content_digest_new(const ji_content_digest_expect_t *e)
 {
@@ -422,11 +526,31 @@ ji_content_digest_t *ji_content_digest_new(const ji_content_digest_expect_t *e)
 
 void ji_content_digest_update(ji_content_digest_t *d, const void *data, size_t len)
 {
+    const char *p = data;
+
     if (len == 0 || d->verified)
         return;
-    for (int a = 0; a < JI_DIGEST_ALG_COUNT; a++)
-        if (d->ctx[a] != NULL && EVP_DigestUpdate(d->ctx[a], data, len) != 1)
-            d->failed = true;
+    if (!d->threaded && (d->inline_bytes + len <= JI_DIGEST_INLINE_BYTES || !start_helper(d))) {
+        hash_now(d, p, len);
+        d->inline_bytes += len;
+        return;
+    }
+    pthread_mutex_lock(&d->mutex);
+    while (len > 0) {
+        size_t tail, n;
+        while (d->queued == JI_DIGEST_BUFFER_BYTES)
+            pthread_cond_wait(&d->room, &d->mutex);
+        tail = (d->head + d->queued) % JI_DIGEST_BUFFER_BYTES; /* the helper moves head and queued, never tail */
+        n = min_size(min_size(len, JI_DIGEST_BUFFER_BYTES - d->queued), JI_DIGEST_BUFFER_BYTES - tail);
+        pthread_mutex_unlock(&d->mutex);
+        memcpy(d->ring + tail, p, n);
+        pthread_mutex_lock(&d->mutex);
+        d->queued += n;
+        pthread_cond_signal(&d->more);
+        p += n;
+        len -= n;
+    }
+    pthread_mutex_unlock(&d->mutex);
 }
 
 /** Compares what was computed for `alg` with what the header says. */
@@ -444,6 +568,7 @@ static int compare(const ji_content_digest_expect_t *e, int alg, const unsigned 
 int ji_content_digest_verify(ji_content_digest_t *d, ji_error_t *err)
 {
     if (!d->verified) {
+        join_helper(d, false); /* every queued byte hashed */
         d->verified = true;
         ji_error_clear(&d->verdict);
         for (int a = 0; a < JI_DIGEST_ALG_COUNT; a++) {
@@ -470,6 +595,13 @@ void ji_content_digest_free(ji_content_digest_t *d)
 {
     if (d == NULL)
         return;
+    join_helper(d, true);
+    if (d->threaded) {
+        pthread_cond_destroy(&d->room);
+        pthread_cond_destroy(&d->more);
+        pthread_mutex_destroy(&d->mutex);
+        free(d->ring);
+    }
     for (int a = 0; a < JI_DIGEST_ALG_COUNT; a++)
         EVP_MD_CTX_free(d->ctx[a]);
     free(d);

@@ -494,7 +494,10 @@ static int start_stream(ji_upload_t *u, ji_error_t *err)
 {
     ji_worker_t *w = u->conn->worker;
 
-    if (reserve_memory(u, ji_config_upload_memory(config_of(u), false) - JI_UPLOAD_FIXED_BYTES, err) != 0)
+    if (reserve_memory(u,
+                       ji_config_upload_memory(config_of(u), false) - JI_UPLOAD_FIXED_BYTES +
+                           (ji_content_digest_wanted(&u->options.digest) ? JI_DIGEST_BUFFER_BYTES : 0),
+                       err) != 0)
         return -1;
     u->state = UPLOAD_STREAM;
     if (u->options.encoding == JI_ENCODING_GZIP &&

@@ -1,4 +1,6 @@
 /* test_content_digest.c — the Content-Digest dictionary parser, and the digests checked streamed and whole. */
+#include <openssl/evp.h>
+
 #include "content_digest.h"
 #include "request_rules.h"
 #include "unit.h"
@@ -160,6 +162,51 @@ static void test_streamed(void)
     ji_content_digest_free(d);
 }
 
+/** Bodies past JI_DIGEST_INLINE_BYTES go through the helper thread: pieces of any size, the ring wrapping. */
+static void test_helper_thread(void)
+{
+    size_t len = 3 * JI_DIGEST_BUFFER_BYTES + 12345;
+    unsigned char *body = malloc(len);
+    unsigned char md256[32], md512[64];
+    unsigned int n;
+    ji_content_digest_expect_t e = {0};
+    ji_content_digest_t *d;
+    ji_error_t err;
+    rng_t rng = {0x9e3779b97f4a7c15ull};
+
+    rng_fill(&rng, body, len);
+    CHECK(EVP_Digest(body, len, md256, &n, EVP_sha256(), NULL) == 1 && n == 32);
+    CHECK(EVP_Digest(body, len, md512, &n, EVP_sha512(), NULL) == 1 && n == 64);
+    e.present[JI_DIGEST_SHA256] = e.present[JI_DIGEST_SHA512] = true;
+    memcpy(e.value[JI_DIGEST_SHA256], md256, 32);
+    memcpy(e.value[JI_DIGEST_SHA512], md512, 64);
+    CHECK_EQ_INT(ji_content_digest_check(&e, body, len, &err), 0);
+    for (int round = 0; round < 4; round++) {
+        /* round 0: pieces up to 64 KiB; 1: up to 5 MiB (more than the ring at once); 2: one byte short; 3: freed
+         * half way, never verified */
+        size_t max_piece = round == 1 ? 5u << 20 : 64u << 10, end = round == 2 ? len - 1 : len;
+        d = ji_content_digest_new(&e);
+        CHECK(d != NULL);
+        for (size_t off = 0; off < end;) {
+            size_t piece = 1 + rng_next(&rng) % max_piece;
+            if (piece > end - off)
+                piece = end - off;
+            ji_content_digest_update(d, body + off, piece);
+            off += piece;
+            if (round == 3 && off > len / 2)
+                break;
+        }
+        if (round < 2)
+            CHECK_EQ_INT(ji_content_digest_verify(d, &err), 0);
+        if (round == 2) {
+            CHECK_EQ_INT(ji_content_digest_verify(d, &err), -1);
+            CHECK_EQ_STR(err.message, "Content-Digest sha-256 does not match the content");
+        }
+        ji_content_digest_free(d);
+    }
+    free(body);
+}
+
 static void test_request_head(void)
 {
     static const char two[] = "POST /users HTTP/1.1\r\nContent-Digest: sha-256=:" SHA256_HELLO
@@ -181,4 +228,4 @@ static void test_request_head(void)
 }
 
 UNIT_MAIN("content_digest", {"valid", test_valid}, {"malformed", test_malformed}, {"limit", test_limit},
-          {"streamed", test_streamed}, {"request_head", test_request_head})
+          {"streamed", test_streamed}, {"helper_thread", test_helper_thread}, {"request_head", test_request_head})
