@@ -33,7 +33,7 @@ size_t ji_digest_alg_size(ji_digest_alg_t alg);
  * Parses a Content-Digest header value into `e`. The value must be a valid RFC 8941 Dictionary (any members,
  * any item types, parameters) of at most JI_MAX_CONTENT_DIGEST_BYTES; a known algorithm must be a Byte Sequence
  * (`:base64:`) of exactly its digest size and appear once. An empty value is an empty dictionary. 0, or -1 with
- * `err` filled (JI_ERR_MALFORMED: 400).
+ * `err` filled (JI_ERR_MALFORMED: 400) and `e` expecting nothing.
  */
 int ji_content_digest_parse(ji_content_digest_expect_t *e, const char *value, size_t len,
                             ji_error_t *err) JI_MUST_CHECK;

@@ -328,11 +328,10 @@ static int known_alg(const char *key, size_t len)
 
 #define SF_RULE "Content-Digest must be a structured field dictionary such as sha-256=:<base64>:"
 
-int ji_content_digest_parse(ji_content_digest_expect_t *e, const char *value, size_t len, ji_error_t *err)
+static int parse_dictionary(ji_content_digest_expect_t *e, const char *value, size_t len, ji_error_t *err)
 {
     sf_t p = {value, len, 0, NULL};
 
-    memset(e, 0, sizeof(*e));
     if (len > JI_MAX_CONTENT_DIGEST_BYTES)
         return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
                             "Content-Digest is longer than JI_MAX_CONTENT_DIGEST_BYTES (" JI_STR(
@@ -390,9 +389,17 @@ int ji_content_digest_parse(ji_content_digest_expect_t *e, const char *value, si
     }
     return 0;
 Bad:
-    memset(e, 0, sizeof(*e));
     return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, SF_RULE " (byte %zu: %s)", p.pos + 1,
                         p.why != NULL ? p.why : "malformed");
+}
+
+int ji_content_digest_parse(ji_content_digest_expect_t *e, const char *value, size_t len, ji_error_t *err)
+{
+    memset(e, 0, sizeof(*e));
+    if (parse_dictionary(e, value, len, err) == 0)
+        return 0;
+    memset(e, 0, sizeof(*e)); /* a refused header expects nothing */
+    return -1;
 }
 
 /* ------------------------------------------------------------------ hashing */

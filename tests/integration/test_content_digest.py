@@ -6,6 +6,7 @@ is 400 before a byte of the body is read."""
 import base64
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -279,3 +280,32 @@ def test_idempotency_replay_array_mode(server, db, tmp_path):
     res = post_bytes(server, tmp_path, body, sha256(body), **kw)
     assert res.status == 200 and res.json()["batch_id"] == first["batch_id"], res
     assert db.count_users() == 3
+
+
+# ------------------------------------------------------------------ bodies past the first MiB (the helper thread)
+
+
+def test_big_body_hashed_by_the_helper(server, db, tmp_path):
+    """~6 MB: past JI_DIGEST_INLINE_BYTES, through the 2 MiB ring more than twice; right, then one byte off."""
+    body = helpers.good_body("dbig", n=60, image_bytes=75_000)
+    assert len(body) > 5 << 20
+    res = post_bytes(server, tmp_path, body, f"{sha256(body)}, {sha512(body)}", mode="upload")
+    assert_success(res, inserted=60, images=60)
+    before = state(db, server)
+    other = body[:-3] + b" \n"
+    res = post_bytes(server, tmp_path, body, f"{sha256(body)}, {sha512(other)}", mode="chunked")
+    assert_mismatch(res, db, server, "sha-512", before)
+
+
+def test_client_gone_mid_body_with_a_digest(server, db, tmp_path):
+    """A client that disconnects halfway through a big body: the helper is stopped, nothing is left, the server
+    goes on (under ASan: no leak, no use after free)."""
+    body = helpers.good_body("dgone", n=60, image_bytes=75_000)
+    c = helpers.HTTPConn(server.host, server.port)
+    c.send(helpers.post_head("/users", length=len(body), extra=[f"Content-Digest: {sha512(body)}"]))
+    c.send(body[:len(body) // 2])
+    time.sleep(0.5)
+    c.close()
+    assert_nothing_left(db, server.images_dir)
+    res = post_bytes(server, tmp_path, body, sha512(body), mode="upload")
+    assert_success(res, inserted=60, images=60)

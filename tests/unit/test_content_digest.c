@@ -96,6 +96,7 @@ static void test_malformed(void)
         if (r != -1)
             fprintf(stderr, "accepted %s\n", bad[i]);
         CHECK_EQ_INT(r, -1);
+        CHECK(!ji_content_digest_wanted(&e));
         CHECK_EQ_INT(err.kind, JI_ERR_MALFORMED);
         CHECK(strstr(err.message, "Content-Digest") != NULL);
     }
