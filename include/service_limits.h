@@ -19,6 +19,16 @@
 #define JI_DEFAULT_MAX_RECORD_BYTES (8u * 1024 * 1024)
 /** Errors listed in a skip-mode answer: the answer stays small however many lines fail. */
 #define JI_MAX_REPORTED_ERRORS 100
+/** Bytes of a line over --max-record-bytes kept as its dead letter (marked truncated): the line is never held. */
+#define JI_DEAD_LETTER_KEEP_BYTES (64u * 1024)
+/**
+ * Bytes of the line being read that a skip-mode upload holds in memory; past it the line goes on in the
+ * request's spool file (unnamed, gone with the process). Each rejected record is spooled until COMMIT.
+ */
+#define JI_DEAD_LETTER_MEMORY_BYTES (64u * 1024)
+/** Most rejected records a batch's /rejected read holds per page, and the bytes of record text per page. */
+#define JI_REJECTED_PAGE_ROWS 256
+#define JI_REJECTED_PAGE_BYTES (1024u * 1024)
 /**
  * Deepest nesting of one record, a JSON Lines line or one element of an array body, the record's own object
  * counting 1: a deeper record is refused (400) before anything is built from it. A record needs 1 level (2 with

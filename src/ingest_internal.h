@@ -127,6 +127,8 @@ void ji_ingest_tx_fail(ji_ingest_t *in, const char *what, const PGresult *res, c
  * released), false when the connection went to be rolled back in the background.
  */
 bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
+/** Lines of the request (record mode: records) read so far: the answer's and the batch's "lines". */
+uint64_t ji_ingest_lines(const ji_ingest_t *in);
 /** Gives the connection back to be rolled back in the background (the answer does not wait). */
 void ji_ingest_tx_release(ji_ingest_t *in);
 

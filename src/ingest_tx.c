@@ -139,9 +139,8 @@ static void build_answer(ji_ingest_t *in)
                    "{\"inserted\":%" PRIu64 ",\"skipped\":%" PRIu64 ",\"lines\":%" PRIu64 ",\"images\":%" PRIu64
                    ",\"bytes\":%" PRIu64 ",\"batch_id\":%" PRId64 ",\"first_user_id\":%s,\"last_user_id\":%s"
                    ",\"elapsed_ms\":%.1f",
-                   in->inserted, in->skipped,
-                   in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter),
-                   in->images_stored, in->bytes, in->batch_id, in->first_id, in->last_id, elapsed_ms(in));
+                   in->inserted, in->skipped, ji_ingest_lines(in), in->images_stored, in->bytes, in->batch_id,
+                   in->first_id, in->last_id, elapsed_ms(in));
     if (in->params.skip_errors) {
         ji_text_append(t, ",\"errors\":[", 11);
         for (size_t i = 0; i < in->nreported; i++) {
@@ -156,6 +155,11 @@ static void build_answer(ji_ingest_t *in)
         ji_text_append(t, "]", 1);
     }
     ji_text_append(t, "}\n", 2);
+}
+
+uint64_t ji_ingest_lines(const ji_ingest_t *in)
+{
+    return in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter);
 }
 
 /** Answers 200 with what in->answer holds. */
@@ -244,7 +248,7 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     ji_error_t e;
 
     if (err != NULL) {
-        ji_ingest_tx_fail(in, "reading the batch's user ids failed", res, err);
+        ji_ingest_tx_fail(in, "keeping the batch's counts failed", res, err);
         return;
     }
     if (res != NULL && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
@@ -268,11 +272,32 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_tx_fail(in, "keeping the answer of the Idempotency-Key failed", NULL, ji_pg_error(pg));
 }
 
+/** The batch keeps its counts (GET /batches) and tells the first and last user id of the answer. */
+static void send_summary(ji_ingest_t *in)
+{
+    char counts[5][24];
+    const char *params[6] = {in->batch_id_text, counts[0], counts[1], counts[2], counts[3], counts[4]};
+
+    snprintf(counts[0], sizeof(counts[0]), "%" PRIu64, in->inserted);
+    snprintf(counts[1], sizeof(counts[1]), "%" PRIu64, in->skipped);
+    snprintf(counts[2], sizeof(counts[2]), "%" PRIu64, ji_ingest_lines(in));
+    snprintf(counts[3], sizeof(counts[3]), "%" PRIu64, in->images_stored);
+    snprintf(counts[4], sizeof(counts[4]), "%" PRIu64, in->bytes);
+    in->state = ST_SUMMARY;
+    if (ji_pg_query(in->pg,
+                    "UPDATE batches SET inserted = $2, skipped = $3, lines = $4, images = $5, bytes = $6 "
+                    "WHERE batch_id = $1 RETURNING (SELECT min(user_id) FROM users WHERE batch_id = $1), "
+                    "(SELECT max(user_id) FROM users WHERE batch_id = $1)",
+                    6, params, on_summary, in) != 0)
+        ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(in->pg));
+}
+
 static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
-    const char *params[1] = {in->batch_id_text};
     ji_error_t e;
+
+    (void)pg;
 
     if (err != NULL) {
         ji_ingest_tx_fail(in, "COPY failed", res, err);
@@ -282,14 +307,7 @@ static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_abort(in, &e);
         return;
     }
-    in->state = ST_SUMMARY;
-    if (in->inserted == 0) {
-        on_summary(pg, in, NULL, NULL);
-        return;
-    }
-    if (ji_pg_query(pg, "SELECT min(user_id), max(user_id) FROM users WHERE batch_id = $1", 1, params, on_summary,
-                    in) != 0)
-        ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(pg));
+    send_summary(in);
 }
 
 /** COPY can take rows: the last ones when the body ended, else the owner's next bytes. */
