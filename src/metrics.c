@@ -26,7 +26,7 @@
 /** The process's counters, summed over the workers. */
 typedef struct st_totals_t {
     /* ingests (ji_ingest_stats_t) */
-    uint64_t requests, ingests_ok, ingests_failed, ingests_in_flight, records, images, body_bytes;
+    uint64_t requests, ingests_ok, ingests_failed, ingests_in_flight, records, rejected_records, images, body_bytes;
     uint64_t errors[JI_ERR_KIND_COUNT];
     uint64_t limit_record_bytes;
     /* admission (ji_worker_stats_t) */
@@ -46,6 +46,7 @@ static void gather_ingest(totals_t *t, ji_ingest_stats_t *s)
     t->ingests_failed += LOAD(s->ingests_failed);
     t->ingests_in_flight += LOAD(s->ingests_in_flight);
     t->records += LOAD(s->records);
+    t->rejected_records += LOAD(s->rejected_records);
     t->images += LOAD(s->images);
     t->body_bytes += LOAD(s->body_bytes);
     for (unsigned k = 0; k < JI_ERR_KIND_COUNT; k++)
@@ -137,6 +138,8 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     sample(out, "ingests_total", "{result=\"failed\"}", t->ingests_failed);
     single(out, "ingests_in_flight", "gauge", "Ingests running now.", t->ingests_in_flight);
     single(out, "records_total", "counter", "User records committed.", t->records);
+    single(out, "rejected_records_total", "counter",
+           "Records rejected in skip mode and committed as dead letters with their batch.", t->rejected_records);
     single(out, "images_total", "counter", "Image files committed.", t->images);
     single(out, "body_bytes_total", "counter", "Request body bytes read by ingests (after chunked framing).",
            t->body_bytes);
