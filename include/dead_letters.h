@@ -34,6 +34,9 @@ void ji_dead_letters_free(ji_dead_letters_t *d);
 /** Bytes of the current line (in order, the line end excluded). 0, or -1 with `err` (the spool failed). */
 int ji_dead_letters_line_data(ji_dead_letters_t *d, const char *data, size_t len, ji_error_t *err) JI_MUST_CHECK;
 
+/** Bytes of the current line captured so far. */
+uint64_t ji_dead_letters_line_bytes(const ji_dead_letters_t *d);
+
 /** The current line was good (or empty): forget its bytes. */
 void ji_dead_letters_line_forget(ji_dead_letters_t *d);
 

@@ -160,6 +160,11 @@ int ji_dead_letters_line_data(ji_dead_letters_t *d, const char *data, size_t len
     return 0;
 }
 
+uint64_t ji_dead_letters_line_bytes(const ji_dead_letters_t *d)
+{
+    return d->line_len;
+}
+
 void ji_dead_letters_line_forget(ji_dead_letters_t *d)
 {
     d->line_len = 0;

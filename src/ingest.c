@@ -313,6 +313,30 @@ static void skip_long_line(ji_ingest_t *in)
     ji_splitter_skip_line(&in->splitter);
 }
 
+/**
+ * A line over --max-record-bytes: the splitter passed none of the bytes that would cross the limit, yet its dead
+ * letter keeps the first JI_DEAD_LETTER_KEEP_BYTES: they are taken from `data` (where the splitter stopped) up to
+ * the line's end. False when the request failed.
+ */
+static bool capture_long_line_start(ji_ingest_t *in, const char *data, size_t len)
+{
+    uint64_t have = in->dead != NULL ? ji_dead_letters_line_bytes(in->dead) : JI_DEAD_LETTER_KEEP_BYTES;
+    const char *nl;
+    ji_error_t err;
+
+    if (have >= JI_DEAD_LETTER_KEEP_BYTES)
+        return true;
+    if (len > JI_DEAD_LETTER_KEEP_BYTES - have)
+        len = (size_t)(JI_DEAD_LETTER_KEEP_BYTES - have);
+    if ((nl = memchr(data, '\n', len)) != NULL)
+        len = (size_t)(nl - data);
+    if (ji_dead_letters_line_data(in->dead, data, len, &err) == 0)
+        return true;
+    err.line = ji_splitter_line(&in->splitter);
+    ji_ingest_abort(in, &err);
+    return false;
+}
+
 /** Maps a splitter result to the request's fate. Returns false when the request failed. */
 static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
 {
@@ -429,6 +453,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         if (r != JI_SPLIT_TOO_LONG || !in->params.skip_errors || in->state == ST_FAILED)
             break;
         /* skip mode: an oversize record is reported and dropped like any bad record */
+        if (!capture_long_line_start(in, data + consumed, len - consumed))
+            break;
         skip_long_line(in);
     }
     if (in->digest != NULL)

@@ -149,7 +149,7 @@ static void build_answer(ji_ingest_t *in)
     if (in->skipped > 0)
         ji_text_printf(t, ",\"rejected_url\":\"/batches/%" PRId64 "/rejected\"", in->batch_id);
     else
-        ji_text_append(t, ",\"rejected_url\":null", 19);
+        ji_text_append(t, H2O_STRLIT(",\"rejected_url\":null"));
     if (in->params.skip_errors) {
         ji_text_append(t, ",\"errors\":[", 11);
         for (size_t i = 0; i < in->nreported; i++) {
