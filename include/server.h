@@ -74,7 +74,9 @@ struct st_ji_worker_t {
     /** Idle kept-alive connections here not yet promised to a loop that needs room (any thread claims them). */
     _Atomic long sheddable;
     _Atomic unsigned shed_wanted; /**< promised ones this loop still has to close (at its next wake-up) */
-    ji_ingest_env_t ingest_env;   /**< what this worker's ingests run with */
+    uint64_t refused_logged_at; /**< loop time of the last log line about refused connections (at most one a second) */
+    uint64_t refused_unlogged;  /**< connections refused since that line */
+    ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;
     _Atomic bool draining_busy; /**< stopping: requests still run on this worker (idle connections wait for all) */

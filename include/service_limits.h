@@ -140,6 +140,8 @@
  * An unlimited hard RLIMIT_NOFILE is raised to this (Linux's default fs.nr_open: the kernel refuses more).
  */
 #define JI_NOFILE_UNLIMITED_CAP 1048576
+/** At most one log line per loop in this many ms counts the connections refused at --max-connections. */
+#define JI_REFUSED_LOG_INTERVAL_MS 1000
 /** Input bytes a connection refused at --max-connections has read and discarded before its 503 (not a reset). */
 #define JI_REFUSED_DRAIN_BYTES 16384
 

@@ -1,5 +1,6 @@
 /*
- * front_door.c — owns every connection from accept to close: reads each
+ * front_door.c — owns every connection from accept to close, and how many
+ * stay open (--max-connections, --keepalive-timeout): reads each
  * request head, puts it through the same rules whatever came before on the
  * connection (request_rules.c, routes.c), then hands the request to the stage
  * that serves it (upload_stream.c for POST /users, the h2o bridge for the
@@ -441,6 +442,13 @@ static void refuse_connection(ji_worker_t *w, h2o_socket_t *sock)
         shutdown(fd, SHUT_WR);
     h2o_socket_close(sock);
     atomic_fetch_add_explicit(&w->stats.limit_connections, 1, memory_order_relaxed);
+    w->refused_unlogged++;
+    if (h2o_now(w->ctx.loop) - w->refused_logged_at >= JI_REFUSED_LOG_INTERVAL_MS) {
+        fprintf(stderr, "refused %llu connections with 503: --max-connections %u open, none idle between requests\n",
+                (unsigned long long)w->refused_unlogged, server->max_connections);
+        w->refused_logged_at = h2o_now(w->ctx.loop);
+        w->refused_unlogged = 0;
+    }
 }
 
 /** Room for one more connection past the cap: an idle kept-alive one closes, here at once or on another loop soon. */

@@ -170,6 +170,8 @@ def test_flood_of_idle_connections_at_the_open_files_limit(start_server, db, tmp
     assert m["connections_refused_total"] == len(refused), m
     assert m['limits_total{limit="max_connections"}'] == len(refused)
     assert m["accept_paused_total"] == 0, "the descriptors ran out: the cap should have kept room"
+    assert re.search(rf"refused \d+ connections with 503: --max-connections {cap} open", srv.log_tail(400)), \
+        srv.log_tail()
     assert db.count_users() == 42
 
 
