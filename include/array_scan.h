@@ -60,4 +60,16 @@ int ji_array_scan_feed(ji_array_scan_t *s, const char *data, size_t len) JI_MUST
  */
 uint64_t ji_array_scan_tree_bytes(const ji_array_scan_t *s);
 
+/**
+ * A cursor over the elements of a JSON array text that yajl accepted: each call gives the next top-level
+ * element's bytes as sent (surrounding whitespace left out). Used to keep a rejected element byte for byte.
+ */
+typedef struct st_ji_array_elements_t {
+    size_t pos;
+    bool started; /**< past the '[' */
+} ji_array_elements_t;
+
+/** The next element of `text` in `*start`, `*len`; false after the last one (or on text that is not an array). */
+bool ji_array_elements_next(ji_array_elements_t *c, const char *text, size_t text_len, const char **start, size_t *len);
+
 #endif

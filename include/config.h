@@ -35,6 +35,8 @@ typedef struct st_ji_config_t {
     uint64_t max_memory;        /**< what all requests together may hold (--max-memory) */
     size_t max_array_memory;    /**< most bytes one JSON-array request may hold (--max-array-memory) */
     size_t array_memory_budget; /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
+    unsigned max_connections;   /**< connections open at once (--max-connections); 0: from the open-files limit */
+    unsigned keepalive_timeout_ms; /**< a kept-alive connection idle this long closes (--keepalive-timeout) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

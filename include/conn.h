@@ -47,7 +47,8 @@ typedef struct st_ji_conn_t {
     bool reading;
     h2o_socket_cb read_cb;
     h2o_timeout_entry_t idle_timer;
-    h2o_linklist_t link; /**< in worker->conns */
+    h2o_linklist_t link;      /**< in worker->conns */
+    h2o_linklist_t idle_link; /**< in worker->idle_conns while kept alive between requests */
 } ji_conn_t;
 
 /* ---- flow control ---- */

@@ -16,8 +16,18 @@
 
 typedef struct st_ji_worker_t ji_worker_t;
 
-/** Takes over a newly accepted connection. */
+/**
+ * Takes over a newly accepted connection. Past --max-connections (the process's count) it first closes an idle
+ * kept-alive connection to make room (this loop's longest idle, or another loop's: that one closes it at its next
+ * wake-up); when none is idle anywhere, the new connection gets a short 503 with Retry-After and is closed.
+ */
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock);
+
+/**
+ * Closes the idle kept-alive connections other loops claimed here to make room under --max-connections (called by
+ * the worker's loop at every wake-up).
+ */
+void ji_front_door_shed(ji_worker_t *w);
 
 /**
  * Shutdown, called again and again while the loop drains: once no request is in flight on this worker, closes

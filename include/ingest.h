@@ -35,6 +35,7 @@ typedef struct st_ji_ingest_stats_t {
     _Atomic uint64_t requests; /**< ingests started */
     _Atomic uint64_t ingests_ok, ingests_failed, ingests_in_flight;
     _Atomic uint64_t records, images, body_bytes;
+    _Atomic uint64_t rejected_records;          /**< skip mode: rejected records committed as dead letters */
     _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
     _Atomic uint64_t limit_record_bytes;        /**< records over --max-record-bytes */
 } ji_ingest_stats_t;
@@ -57,7 +58,9 @@ typedef struct st_ji_ingest_env_t {
 } ji_ingest_env_t;
 
 typedef struct st_ji_ingest_params_t {
-    bool skip_errors;    /**< ?on_error=skip */
+    bool skip_errors;    /**< ?on_error=skip: rejected records are skipped and kept as dead letters */
+    bool has_max_errors; /**< ?max_errors=N (implies skip_errors) */
+    uint64_t max_errors; /**< the (N+1)-th rejected record fails the request (422 naming its line) */
     uint64_t body_bytes; /**< record mode: the size of the body the records came from (reported as "bytes") */
     /**
      * The Idempotency-Key header's value as received (NUL-terminated, copied by ji_ingest_new), or NULL. The
@@ -97,6 +100,13 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
  * 0 = skipped (go on), -1 = the request failed (done comes).
  */
 int ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err);
+
+/**
+ * Record mode, skip mode: the bytes of the next record as they were sent, given before ji_ingest_put_record or
+ * ji_ingest_record_error: kept as its dead letter if it is rejected (copied; a record over --max-record-bytes
+ * never reaches here). 0, or -1 (the request failed: done comes).
+ */
+int ji_ingest_record_text(ji_ingest_t *in, const char *text, size_t len);
 
 /** Every body byte was fed: finish (COPY end, make files durable, COMMIT) and answer through done. */
 void ji_ingest_end(ji_ingest_t *in);

@@ -86,7 +86,9 @@ int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_
 /** What a POST /users asks for. */
 typedef struct st_ji_upload_options_t {
     ji_format_t format; /**< from ?format=, else the Content-Type; UNDECIDED: the first body byte decides */
-    bool skip_errors;   /**< ?on_error=skip */
+    bool skip_errors;   /**< ?on_error=skip (or ?max_errors=N) */
+    bool has_max_errors;
+    uint64_t max_errors; /**< ?max_errors=N: the (N+1)-th rejected record fails the request */
     ji_content_encoding_t encoding;
     char idempotency_key[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1]; /**< "" when none (quotes of the quoted form removed) */
     ji_content_digest_expect_t digest; /**< Content-Digest: the digests to check (none: all false) */

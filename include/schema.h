@@ -1,7 +1,10 @@
 /*
  * schema.h — the tables the service needs, created at startup if missing.
  *   batches(batch_id bigserial pk, batch_key text unique, idempotency_key text unique, response text,
- *           request_digest bytea, created_at), with an index on created_at of the rows that hold a key
+ *           request_digest bytea, created_at, inserted, skipped, lines, images, bytes bigint), with an index on
+ *           created_at of the rows that hold a key
+ *   rejected_records(batch_id bigint references batches on delete cascade, line bigint, error text not null,
+ *           field text, record bytea not null, truncated boolean, primary key (batch_id, line))
  *   users(user_id bigserial pk, name varchar(255) not null, email varchar(255) not null, image_path text,
  *         image_type text, image_size bigint, batch_id bigint, created_at timestamptz)
  * Uses a blocking libpq connection: only ever called before an event loop runs, or from `gc`.

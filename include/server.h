@@ -31,6 +31,10 @@ typedef struct st_ji_server_t {
     _Atomic bool db_ready;            /**< schema created and leftovers collected: ingests may start */
     _Atomic bool stopping;            /**< SIGTERM: no new connections, finish what runs */
     _Atomic unsigned ingests_running; /**< POST /users requests in flight, all workers (cap: --max-ingests) */
+    _Atomic unsigned connections;     /**< client connections open, all workers (cap: max_connections) */
+    unsigned max_connections;         /**< --max-connections, or the default derived from nofile */
+    unsigned long nofile;             /**< the open-files limit (RLIMIT_NOFILE) the process runs with */
+    char connections_refusal[192];    /**< the JSON body of the 503 past max_connections */
     char *token;                      /**< --token-file's token, or NULL */
     ji_request_policy_t policy;     /**< token, allowed origins and hosts: what every request head is checked against */
     ji_client_slots_t client_slots; /**< uploads running per client (--max-client-ingests) */
@@ -47,6 +51,8 @@ typedef struct st_ji_worker_stats_t {
     _Atomic uint64_t limit_body_rate;      /**< uploads cut for a body slower than --min-body-rate */
     _Atomic uint64_t refused_db;           /**< uploads refused because the database was not ready */
     _Atomic uint64_t accept_paused;        /**< times accepting paused for want of file descriptors */
+    _Atomic uint64_t limit_connections;    /**< connections answered 503 because --max-connections were open */
+    _Atomic uint64_t connections_shed;     /**< idle kept-alive connections closed to make room for a new one */
 } ji_worker_stats_t;
 
 struct st_ji_worker_t {
@@ -58,11 +64,18 @@ struct st_ji_worker_t {
     /** Timers of the streaming path (h2o_timeout lists, one per delay). */
     h2o_timeout_t feed_flush_timeout;   /**< feed a part-filled buffer after this long without more bytes */
     h2o_timeout_t idle_timeout;         /**< a stalled head or body is cut after this */
+    h2o_timeout_t keepalive_timeout;    /**< a kept-alive connection idle between requests is closed after this */
     h2o_timeout_t linger_timeout;       /**< how long an error response waits for the client to stop sending */
     h2o_timeout_t yield_timeout;        /**< 1 ms: work split in slices goes on after the loop served the others */
     h2o_timeout_t accept_pause_timeout; /**< out of file descriptors: accepting pauses this long */
     h2o_timeout_entry_t accept_pause;
-    h2o_linklist_t conns;       /**< front-door connections of this worker (closed when it stops) */
+    h2o_linklist_t conns;      /**< front-door connections of this worker (closed when it stops) */
+    h2o_linklist_t idle_conns; /**< kept-alive connections waiting for a request, the longest idle first */
+    /** Idle kept-alive connections here not yet promised to a loop that needs room (any thread claims them). */
+    _Atomic long sheddable;
+    _Atomic unsigned shed_wanted; /**< promised ones this loop still has to close (at its next wake-up) */
+    uint64_t refused_logged_at; /**< loop time of the last log line about refused connections (at most one a second) */
+    uint64_t refused_unlogged;  /**< connections refused since that line */
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;

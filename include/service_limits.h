@@ -19,6 +19,16 @@
 #define JI_DEFAULT_MAX_RECORD_BYTES (8u * 1024 * 1024)
 /** Errors listed in a skip-mode answer: the answer stays small however many lines fail. */
 #define JI_MAX_REPORTED_ERRORS 100
+/** Bytes of a line over --max-record-bytes kept as its dead letter (marked truncated): the line is never held. */
+#define JI_DEAD_LETTER_KEEP_BYTES (64u * 1024)
+/**
+ * Bytes of the line being read that a skip-mode upload holds in memory; past it the line goes on in the
+ * request's spool file (unnamed, gone with the process). Each rejected record is spooled until COMMIT.
+ */
+#define JI_DEAD_LETTER_MEMORY_BYTES (64u * 1024)
+/** Most rejected records a batch's /rejected read holds per page, and the bytes of record text per page. */
+#define JI_REJECTED_PAGE_ROWS 256
+#define JI_REJECTED_PAGE_BYTES (1024u * 1024)
 /**
  * Deepest nesting of one record, a JSON Lines line or one element of an array body, the record's own object
  * counting 1: a deeper record is refused (400) before anything is built from it. A record needs 1 level (2 with
@@ -128,6 +138,37 @@
 #define JI_DEFAULT_MIN_BODY_RATE 1024
 /** Default for --min-body-rate-window (seconds): the window the rate is measured over. */
 #define JI_DEFAULT_MIN_BODY_RATE_WINDOW_S 20
+
+/**
+ * Default for --keepalive-timeout (seconds): a kept-alive connection that sends no byte of its next request for
+ * this long is closed (never longer than --idle-timeout). Shorter than JI_DEFAULT_IDLE_TIMEOUT_S: a client between
+ * requests costs a descriptor and a connection place and gives nothing, while a slow head or body is work under
+ * way. 5 s keeps a connection for a client that sends in bursts (curl --next, a crawler's next batch) and lets a
+ * flood of idle kept-alive connections go within seconds.
+ */
+#define JI_DEFAULT_KEEPALIVE_TIMEOUT_S 5
+/**
+ * --max-connections, when not given, is derived from the open-files limit (RLIMIT_NOFILE, after raising it):
+ * (limit - JI_FD_RESERVE_FIXED - JI_FD_RESERVE_PER_THREAD x threads - JI_FD_RESERVE_PER_INGEST x --max-ingests) / 2,
+ * at least JI_MIN_DEFAULT_MAX_CONNECTIONS. Halved because one connection may hold a second descriptor while it
+ * is served (an image file it reads, an export's database connection).
+ */
+#define JI_FD_RESERVE_FIXED 32
+/** Per event-loop thread: its epoll descriptor, its copy of the listening socket, h2o's wake-up pipe, and
+ * JI_PG_MAX_IDLE idle database connections, rounded up. */
+#define JI_FD_RESERVE_PER_THREAD 8
+/** Per upload place (--max-ingests): its database connection and the image file it writes. */
+#define JI_FD_RESERVE_PER_INGEST 2
+/** The smallest derived --max-connections, however low the open-files limit (past it, accepting pauses instead). */
+#define JI_MIN_DEFAULT_MAX_CONNECTIONS 16
+/**
+ * An unlimited hard RLIMIT_NOFILE is raised to this (Linux's default fs.nr_open: the kernel refuses more).
+ */
+#define JI_NOFILE_UNLIMITED_CAP 1048576
+/** At most one log line per loop in this many ms counts the connections refused at --max-connections. */
+#define JI_REFUSED_LOG_INTERVAL_MS 1000
+/** Input bytes a connection refused at --max-connections has read and discarded before its 503 (not a reset). */
+#define JI_REFUSED_DRAIN_BYTES 16384
 
 /** Connections one loop accepts per readiness event before it serves the others. */
 #define JI_ACCEPT_BATCH 16

@@ -27,7 +27,9 @@
 typedef struct st_array_req_t {
     h2o_req_t *req;
     ji_ingest_t *ingest;
-    char *text; /**< NUL-terminated copy of the body (yajl_tree_parse wants one) */
+    char *text; /**< NUL-terminated copy of the body (yajl_tree_parse wants one); kept in skip mode */
+    size_t text_len;
+    ji_array_elements_t elements; /**< skip mode: where the next element's bytes are (its dead letter) */
     yajl_val root;
     size_t next; /**< index of the next element to store */
     ji_worker_t *worker;
@@ -192,6 +194,14 @@ static void walk(array_req_t *a)
         ji_error_t err;
         int r;
 
+        if (a->text != NULL) { /* skip mode: the element as sent, kept if it is rejected */
+            const char *el = a->text;
+            size_t el_len = 0;
+            if (!ji_array_elements_next(&a->elements, a->text, a->text_len, &el, &el_len))
+                el_len = 0;
+            if (ji_ingest_record_text(a->ingest, el, el_len) != 0)
+                return;
+        }
         if (read_element(v, line, &name, &email, &image, &err) != 0) {
             if (ji_ingest_record_error(a->ingest, &err) != 0)
                 return;
@@ -458,8 +468,12 @@ Parse:
         ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "expected a JSON array of records");
         return fail(a, &err);
     }
-    free(a->text); /* the tree holds its own copies of the strings */
-    a->text = NULL;
+    if (params->skip_errors) {
+        a->text_len = len; /* rejected elements are kept as sent: the text stays until the walk ends */
+    } else {
+        free(a->text); /* the tree holds its own copies of the strings */
+        a->text = NULL;
+    }
     if ((a->ingest = ji_ingest_new(&w->ingest_env, params, &array_callbacks, a)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         return fail(a, &err);

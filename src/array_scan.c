@@ -134,3 +134,61 @@ uint64_t ji_array_scan_tree_bytes(const ji_array_scan_t *s)
     return s->values * (uint64_t)JI_ARRAY_TREE_BYTES_PER_VALUE + s->scanned + 2 * (uint64_t)s->longest_escaped +
            TREE_FIXED_BYTES;
 }
+
+/* ------------------------------------------------------------------ elements */
+
+static bool is_json_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+bool ji_array_elements_next(ji_array_elements_t *c, const char *text, size_t text_len, const char **start, size_t *len)
+{
+    size_t p = c->pos, depth = 0, end;
+    bool in_string = false;
+
+    while (p < text_len && is_json_space(text[p]))
+        p++;
+    if (!c->started) {
+        if (p >= text_len || text[p] != '[')
+            return false;
+        c->started = true;
+        p++;
+    } else if (p < text_len && text[p] == ',') {
+        p++;
+    }
+    while (p < text_len && is_json_space(text[p]))
+        p++;
+    if (p >= text_len || text[p] == ']') {
+        c->pos = p;
+        return false;
+    }
+    *start = text + p;
+    for (; p < text_len; p++) {
+        char ch = text[p];
+        if (in_string) {
+            if (ch == '\\')
+                p++;
+            else if (ch == '"')
+                in_string = false;
+            continue;
+        }
+        if (ch == '"') {
+            in_string = true;
+        } else if (ch == '[' || ch == '{') {
+            depth++;
+        } else if (ch == ']' || ch == '}') {
+            if (depth == 0)
+                break; /* the array's own end */
+            depth--;
+        } else if (ch == ',' && depth == 0) {
+            break;
+        }
+    }
+    end = p < text_len ? p : text_len;
+    c->pos = end;
+    while (end > (size_t)(*start - text) && is_json_space(text[end - 1]))
+        end--;
+    *len = end - (size_t)(*start - text);
+    return true;
+}

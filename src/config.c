@@ -67,6 +67,12 @@ void ji_config_usage(const char *argv0, void *out)
             JI_DEFAULT_IDEMPOTENCY_TTL_S);
     fprintf(f, "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n",
             JI_DEFAULT_SHUTDOWN_GRACE_S);
+    fprintf(f, "  --max-connections N       client connections open at once; past it idle kept-alive ones close or\n"
+               "                            503 (default: from the open-files limit, see docs/operations.md)\n");
+    fprintf(f,
+            "  --keepalive-timeout S     close a kept-alive connection idle this many seconds between requests "
+            "(default %u)\n",
+            JI_DEFAULT_KEEPALIVE_TIMEOUT_S);
     fprintf(f, "  --help                    this text\n");
 }
 
@@ -191,6 +197,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_MEMORY,
         OPT_MAX_ARRAY_MEMORY,
         OPT_ARRAY_MEMORY_BUDGET,
+        OPT_MAX_CONNECTIONS,
+        OPT_KEEPALIVE_TIMEOUT,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -216,6 +224,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
         {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
         {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
+        {"max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS},
+        {"keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -244,6 +254,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_memory = JI_DEFAULT_MAX_MEMORY;
     cfg->max_array_memory = JI_DEFAULT_MAX_ARRAY_MEMORY;
     cfg->array_memory_budget = JI_DEFAULT_ARRAY_MEMORY_BUDGET;
+    cfg->keepalive_timeout_ms = JI_DEFAULT_KEEPALIVE_TIMEOUT_S * 1000;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -350,6 +361,19 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             if (parse_uint("--shutdown-grace", optarg, "seconds", 0, 86400, &cfg->shutdown_grace_s) != 0)
                 return -1;
             break;
+        case OPT_MAX_CONNECTIONS:
+            if (parse_unsigned("--max-connections", optarg, "connections", JI_MAX_FLAG_VALUE, "JI_MAX_FLAG_VALUE",
+                               &cfg->max_connections) != 0)
+                return -1;
+            break;
+        case OPT_KEEPALIVE_TIMEOUT: {
+            unsigned seconds;
+            if (parse_unsigned("--keepalive-timeout", optarg, "seconds", JI_MAX_FLAG_VALUE, "JI_MAX_FLAG_VALUE",
+                               &seconds) != 0)
+                return -1;
+            cfg->keepalive_timeout_ms = seconds * 1000;
+            break;
+        }
         case OPT_HELP:
         case 'h':
             cfg->command = JI_CMD_HELP;

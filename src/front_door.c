@@ -1,5 +1,6 @@
 /*
- * front_door.c — owns every connection from accept to close: reads each
+ * front_door.c — owns every connection from accept to close, and how many
+ * stay open (--max-connections, --keepalive-timeout): reads each
  * request head, puts it through the same rules whatever came before on the
  * connection (request_rules.c, routes.c), then hands the request to the stage
  * that serves it (upload_stream.c for POST /users, the h2o bridge for the
@@ -58,11 +59,63 @@ static void arm_timer(ji_conn_t *c, h2o_timeout_t *which)
     h2o_timeout_link(c->worker->ctx.loop, which, &c->idle_timer);
 }
 
+/* ------------------------------------------------------------------ kept-alive connections between requests */
+
+/** The connection waits for its next request: --keepalive-timeout, and it may be closed to make room. */
+static void idle_enter(ji_conn_t *c)
+{
+    ji_worker_t *w = c->worker;
+
+    arm_timer(c, &w->keepalive_timeout);
+    h2o_linklist_insert(&w->idle_conns, &c->idle_link); /* the tail: the longest idle stay first */
+    atomic_fetch_add_explicit(&w->sheddable, 1, memory_order_relaxed);
+}
+
+static void idle_leave(ji_conn_t *c)
+{
+    if (!h2o_linklist_is_linked(&c->idle_link))
+        return;
+    h2o_linklist_unlink(&c->idle_link);
+    atomic_fetch_sub_explicit(&c->worker->sheddable, 1, memory_order_relaxed);
+}
+
+/** Takes one of `w`'s idle kept-alive connections for closing (any thread). false: none is left unpromised. */
+static bool claim_idle(ji_worker_t *w)
+{
+    long n = atomic_load_explicit(&w->sheddable, memory_order_relaxed);
+
+    while (n > 0)
+        if (atomic_compare_exchange_weak_explicit(&w->sheddable, &n, n - 1, memory_order_relaxed, memory_order_relaxed))
+            return true;
+    return false;
+}
+
+/*
+ * Keeps one claim on `w` (its own thread): closes its longest idle kept-alive connection. When the claimed one
+ * got a request meanwhile and none is idle, the claim is given back and the process stays one over the cap until
+ * a connection closes.
+ */
+static void close_claimed(ji_worker_t *w)
+{
+    atomic_fetch_add_explicit(&w->sheddable, 1, memory_order_relaxed); /* idle_leave takes it again */
+    if (h2o_linklist_is_empty(&w->idle_conns))
+        return;
+    atomic_fetch_add_explicit(&w->stats.connections_shed, 1, memory_order_relaxed);
+    ji_conn_close(H2O_STRUCT_FROM_MEMBER(ji_conn_t, idle_link, w->idle_conns.next));
+}
+
+void ji_front_door_shed(ji_worker_t *w)
+{
+    for (unsigned n = atomic_exchange_explicit(&w->shed_wanted, 0, memory_order_relaxed); n != 0; n--)
+        close_claimed(w);
+}
+
 /* ------------------------------------------------------------------ lifetime */
 
 void ji_conn_close(ji_conn_t *c)
 {
     ji_conn_pause_reading(c);
+    idle_leave(c);
     if (h2o_linklist_is_linked(&c->link))
         h2o_linklist_unlink(&c->link);
     if (c->bridge != NULL) { /* first: its request may point into the upload's body (the JSON-array mode) */
@@ -79,6 +132,7 @@ void ji_conn_close(ji_conn_t *c)
         h2o_socket_close(c->sock);
     }
     atomic_fetch_sub_explicit(&c->worker->stats.connections_open, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&c->worker->server->connections, 1, memory_order_relaxed);
     free(c);
 }
 
@@ -104,6 +158,8 @@ static void start_next_request(ji_conn_t *c)
     ji_conn_resume_reading(c, on_read_head);
     if (c->sock->input->size != 0)
         process_head(c); /* a pipelined request is already here */
+    else if (c->requests_served)
+        idle_enter(c);
 }
 
 /* ------------------------------------------------------------------ answers of our own */
@@ -351,20 +407,85 @@ static void on_read_head(h2o_socket_t *sock, const char *err)
         ji_conn_close(c);
         return;
     }
-    /* no touch: a head must be complete within --idle-timeout of its first wait, however it trickles */
+    /* no touch: a head must be complete within --idle-timeout of its first wait, however it trickles; on a kept-alive
+     * connection the wait starts with the head's first byte (before it, --keepalive-timeout) */
+    if (h2o_linklist_is_linked(&c->idle_link)) {
+        idle_leave(c);
+        ji_conn_touch(c);
+    }
     process_head(c);
 }
 
 /* ------------------------------------------------------------------ accept and stop */
 
+/*
+ * Past --max-connections with nothing idle to close: a short 503 written straight to the socket (it fits any send
+ * buffer), no connection object, no timer. What the client already sent is read first, so that closing does not
+ * reset the connection before the client reads the answer.
+ */
+static void refuse_connection(ji_worker_t *w, h2o_socket_t *sock)
+{
+    ji_server_t *server = w->server;
+    int fd = h2o_socket_get_fd(sock);
+    char buf[4096], answer[512];
+    ssize_t n;
+    int len;
+
+    for (size_t drained = 0; drained < JI_REFUSED_DRAIN_BYTES; drained += (size_t)n)
+        if ((n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)) <= 0)
+            break;
+    len = snprintf(answer, sizeof(answer),
+                   "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                   "Retry-After: %u\r\nConnection: close\r\n\r\n%s",
+                   (int)strlen(server->connections_refusal), JI_RETRY_AFTER_BUSY_S, server->connections_refusal);
+    if (len > 0 && (size_t)len < sizeof(answer) && send(fd, answer, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL) > 0)
+        shutdown(fd, SHUT_WR);
+    h2o_socket_close(sock);
+    atomic_fetch_add_explicit(&w->stats.limit_connections, 1, memory_order_relaxed);
+    w->refused_unlogged++;
+    if (h2o_now(w->ctx.loop) - w->refused_logged_at >= JI_REFUSED_LOG_INTERVAL_MS) {
+        fprintf(stderr, "refused %llu connections with 503: --max-connections %u open, none idle between requests\n",
+                (unsigned long long)w->refused_unlogged, server->max_connections);
+        w->refused_logged_at = h2o_now(w->ctx.loop);
+        w->refused_unlogged = 0;
+    }
+}
+
+/** Room for one more connection past the cap: an idle kept-alive one closes, here at once or on another loop soon. */
+static bool make_room(ji_worker_t *w)
+{
+    ji_server_t *server = w->server;
+
+    if (claim_idle(w)) {
+        close_claimed(w);
+        return true;
+    }
+    for (unsigned i = 1; i < server->nworkers; i++) {
+        ji_worker_t *other = &server->workers[(unsigned)(w - server->workers + i) % server->nworkers];
+        if (claim_idle(other)) {
+            atomic_fetch_add_explicit(&other->shed_wanted, 1, memory_order_relaxed);
+            return true;
+        }
+    }
+    return false;
+}
+
 void ji_front_door_accept(ji_worker_t *w, h2o_socket_t *sock)
 {
-    ji_conn_t *c = calloc(1, sizeof(*c));
+    ji_server_t *server = w->server;
+    ji_conn_t *c;
     int rcvbuf = JI_SOCKET_RCVBUF_BYTES;
 
+    if (atomic_fetch_add_explicit(&server->connections, 1, memory_order_relaxed) >= server->max_connections &&
+        !make_room(w)) {
+        refuse_connection(w, sock);
+        atomic_fetch_sub_explicit(&server->connections, 1, memory_order_relaxed);
+        return;
+    }
     setsockopt(h2o_socket_get_fd(sock), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
-    if (c == NULL) {
+    if ((c = calloc(1, sizeof(*c))) == NULL) {
         h2o_socket_close(sock);
+        atomic_fetch_sub_explicit(&server->connections, 1, memory_order_relaxed);
         return;
     }
     c->worker = w;

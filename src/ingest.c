@@ -112,7 +112,38 @@ static void remember_error(ji_ingest_t *in, const ji_error_t *err)
     in->nreported++;
 }
 
-/** A record-level error: skipped in skip mode, fatal otherwise. Returns the splitter verdict (0 go on, -1 stop). */
+/** ?max_errors=N: the (N+1)-th rejected record (`err`, just counted) fails the request. True when it did. */
+static bool too_many_errors(ji_ingest_t *in, const ji_error_t *err)
+{
+    ji_error_t e;
+
+    if (!in->params.has_max_errors || in->skipped <= in->params.max_errors)
+        return false;
+    ji_error_set(&e, JI_ERR_INVALID, err->line, NULL,
+                 "more than max_errors=%" PRIu64 " records rejected; line %" PRIu64 ": %s", in->params.max_errors,
+                 err->line, err->message);
+    ji_ingest_abort(in, &e);
+    return true;
+}
+
+/** Keeps the current line as a dead letter with the error it was rejected for. False when the request failed. */
+static bool keep_dead_letter(ji_ingest_t *in, const ji_error_t *why, bool truncated)
+{
+    ji_error_t e;
+
+    if (in->dead == NULL)
+        return true;
+    if (ji_dead_letters_keep(in->dead, why, truncated, &e) == 0)
+        return true;
+    e.line = why->line;
+    ji_ingest_abort(in, &e);
+    return false;
+}
+
+/**
+ * A record-level error: skipped in skip mode (the rest of the line is still read: its dead letter is kept at its
+ * end), fatal otherwise. Returns the splitter verdict (0 go on, -1 stop).
+ */
 static int record_error(ji_ingest_t *in, ji_error_t *err, uint64_t line)
 {
     bool skippable = err->kind == JI_ERR_MALFORMED || err->kind == JI_ERR_INVALID;
@@ -121,6 +152,9 @@ static int record_error(ji_ingest_t *in, ji_error_t *err, uint64_t line)
         err->line = line;
     if (in->params.skip_errors && skippable) {
         remember_error(in, err);
+        if (too_many_errors(in, err))
+            return -1;
+        in->line_error = *err;
         in->line_failed = true;
         return 0;
     }
@@ -192,6 +226,11 @@ static int on_line_data(void *ctx, uint64_t line, const char *data, size_t len)
     ji_ingest_t *in = ctx;
     ji_error_t err;
 
+    if (in->dead != NULL && ji_dead_letters_line_data(in->dead, data, len, &err) != 0) {
+        err.line = line;
+        ji_ingest_abort(in, &err);
+        return -1;
+    }
     if (in->line_failed)
         return 0;
     if (ji_record_parser_feed(in->parser, line, data, len, &err) == 0)
@@ -210,6 +249,8 @@ static int on_line_end(void *ctx, uint64_t line)
 
     if (in->line_failed) {
         in->line_failed = false;
+        if (!keep_dead_letter(in, &in->line_error, false))
+            return -1;
         if (ji_record_parser_reset(in->parser) != 0) {
             ji_error_set(&err, JI_ERR_INTERNAL, line, NULL, "out of memory");
             ji_ingest_abort(in, &err);
@@ -218,12 +259,15 @@ static int on_line_end(void *ctx, uint64_t line)
         return 0;
     }
     r = ji_record_parser_end_line(in->parser, line, &err);
-    if (r >= 0)
+    if (r >= 0) {
+        if (in->dead != NULL)
+            ji_dead_letters_line_forget(in->dead);
         return r;
+    }
     if (in->state == ST_FAILED)
         return -1;
     forget_line_image(in);
-    if (record_error(in, &err, line) < 0)
+    if (record_error(in, &err, line) < 0 || !keep_dead_letter(in, &err, false))
         return -1;
     if (ji_record_parser_reset(in->parser) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, line, NULL, "out of memory");
@@ -251,16 +295,46 @@ static void skip_long_line(ji_ingest_t *in)
 
     too_long_error(in, &err);
     forget_line_image(in);
-    if (!in->line_failed) /* a line that failed already was reported once */
+    if (!in->line_failed) { /* a line that failed already was reported once */
         remember_error(in, &err);
+        if (too_many_errors(in, &err))
+            return;
+        in->line_error = err;
+    }
     atomic_fetch_add_explicit(&in->env->stats->limit_record_bytes, 1, memory_order_relaxed);
     in->line_failed = false;
+    if (!keep_dead_letter(in, &in->line_error, true))
+        return;
     if (ji_record_parser_reset(in->parser) != 0) {
         ji_error_set(&err, JI_ERR_INTERNAL, err.line, NULL, "out of memory");
         ji_ingest_abort(in, &err);
         return;
     }
     ji_splitter_skip_line(&in->splitter);
+}
+
+/**
+ * A line over --max-record-bytes: the splitter passed none of the bytes that would cross the limit, yet its dead
+ * letter keeps the first JI_DEAD_LETTER_KEEP_BYTES: they are taken from `data` (where the splitter stopped) up to
+ * the line's end. False when the request failed.
+ */
+static bool capture_long_line_start(ji_ingest_t *in, const char *data, size_t len)
+{
+    uint64_t have = in->dead != NULL ? ji_dead_letters_line_bytes(in->dead) : JI_DEAD_LETTER_KEEP_BYTES;
+    const char *nl;
+    ji_error_t err;
+
+    if (have >= JI_DEAD_LETTER_KEEP_BYTES)
+        return true;
+    if (len > JI_DEAD_LETTER_KEEP_BYTES - have)
+        len = (size_t)(JI_DEAD_LETTER_KEEP_BYTES - have);
+    if ((nl = memchr(data, '\n', len)) != NULL)
+        len = (size_t)(nl - data);
+    if (ji_dead_letters_line_data(in->dead, data, len, &err) == 0)
+        return true;
+    err.line = ji_splitter_line(&in->splitter);
+    ji_ingest_abort(in, &err);
+    return false;
 }
 
 /** Maps a splitter result to the request's fate. Returns false when the request failed. */
@@ -335,6 +409,11 @@ ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *param
         ji_ingest_abort(in, &err);
         return in;
     }
+    if (params->skip_errors && (in->dead = ji_dead_letters_new(env->images->pending_fd)) == NULL) {
+        ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        ji_ingest_abort(in, &err);
+        return in;
+    }
     if ((in->images = ji_image_batch_begin(env->images, &err)) == NULL) {
         ji_ingest_abort(in, &err);
         return in;
@@ -374,6 +453,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         if (r != JI_SPLIT_TOO_LONG || !in->params.skip_errors || in->state == ST_FAILED)
             break;
         /* skip mode: an oversize record is reported and dropped like any bad record */
+        if (!capture_long_line_start(in, data + consumed, len - consumed))
+            break;
         skip_long_line(in);
     }
     if (in->digest != NULL)
@@ -416,8 +497,13 @@ int ji_ingest_put_record(ji_ingest_t *in, uint64_t line, const char *name, size_
         ji_record_check_email(email, email_len, line, &err) != 0 ||
         (image != NULL && image_len > 0 && on_image(in, line, image, image_len, &err) != 0)) {
         forget_line_image(in);
-        return record_error(in, &err, line) == 0 ? 0 : -1;
+        if (record_error(in, &err, line) != 0)
+            return -1;
+        in->line_failed = false;
+        return keep_dead_letter(in, &err, false) ? 0 : -1;
     }
+    if (in->dead != NULL)
+        ji_dead_letters_line_forget(in->dead);
     rec.has_image = in->line_has_image;
     r = on_record(in, &rec, &err);
     if (r < 0) {
@@ -442,7 +528,23 @@ int ji_ingest_record_error(ji_ingest_t *in, ji_error_t *err)
         return 0;
     r = record_error(in, err, err->line);
     in->line_failed = false;
+    if (r == 0 && !keep_dead_letter(in, err, false))
+        return -1;
     return r;
+}
+
+int ji_ingest_record_text(ji_ingest_t *in, const char *text, size_t len)
+{
+    ji_error_t err;
+
+    if (in->dead == NULL || in->state != ST_STREAMING)
+        return 0;
+    ji_dead_letters_line_forget(in->dead);
+    if (ji_dead_letters_line_data(in->dead, text, len, &err) == 0)
+        return 0;
+    err.line = in->inserted + in->skipped + 1;
+    ji_ingest_abort(in, &err);
+    return -1;
 }
 
 void ji_ingest_finish_rows(ji_ingest_t *in)
@@ -483,6 +585,9 @@ void ji_ingest_free(ji_ingest_t *in)
 {
     if (h2o_timeout_is_linked(&in->defer))
         h2o_timeout_unlink(&in->defer);
+    if (h2o_timeout_is_linked(&in->tx_step))
+        h2o_timeout_unlink(&in->tx_step);
+    ji_dead_letters_free(in->dead);
     if (in->state == ST_COMMIT && in->images != NULL) {
         /* the outcome of COMMIT is not known here: leave the journal for gc */
         ji_image_batch_forget(in->images);

@@ -12,6 +12,7 @@
 
 #include "ingest.h"
 #include "image_store.h"
+#include "dead_letters.h"
 #include "json_text.h"
 #include "record_parser.h"
 #include "splitter.h"
@@ -29,6 +30,7 @@ typedef enum {
     ST_STREAMING,
     ST_REPLAY, /**< the key committed with an earlier request: the body is only hashed */
     ST_COPY_END,
+    ST_DEAD_LETTERS, /**< the rejected records' COPY */
     ST_SUMMARY,
     ST_KEEP_ANSWER, /**< the answer and digest stored with the key */
     ST_COMMIT,
@@ -90,7 +92,10 @@ struct st_ji_ingest_t {
     unsigned retry_after;
     ji_text_t answer;
 
-    h2o_timeout_entry_t defer; /**< delivers callbacks from the loop */
+    ji_dead_letters_t *dead;     /**< skip mode: the rejected records (NULL otherwise) */
+    ji_error_t line_error;       /**< skip mode: why the current line was rejected (line_failed) */
+    h2o_timeout_entry_t defer;   /**< delivers callbacks from the loop */
+    h2o_timeout_entry_t tx_step; /**< the transaction's next slice of work (dead letters) */
     bool pending_resume, pending_done;
 };
 
@@ -127,6 +132,8 @@ void ji_ingest_tx_fail(ji_ingest_t *in, const char *what, const PGresult *res, c
  * released), false when the connection went to be rolled back in the background.
  */
 bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
+/** Lines of the request (record mode: records) read so far: the answer's and the batch's "lines". */
+uint64_t ji_ingest_lines(const ji_ingest_t *in);
 /** Gives the connection back to be rolled back in the background (the answer does not wait). */
 void ji_ingest_tx_release(ji_ingest_t *in);
 

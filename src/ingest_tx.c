@@ -3,7 +3,7 @@
  * connection (ingest.c feeds the COPY rows in between):
  *
  *   CONNECTING -> BEGIN -> CLAIM -> BATCH -> COPY_START (horizon lock, COPY) -> STREAMING
- *     -> COPY_END -> SUMMARY -> [KEEP_ANSWER] -> COMMIT -> DONE
+ *     -> COPY_END -> [DEAD_LETTERS] -> SUMMARY -> [KEEP_ANSWER] -> COMMIT -> DONE
  *   CLAIM -> REPLAY -> DONE | FAILED     (the key committed earlier)
  *   (any step) -> FAILED
  *
@@ -13,6 +13,10 @@
  * committed earlier is replayed: the transaction rolls back, the connection
  * goes back to the pool, the body is only hashed, and at its end the digest
  * decides (same: the kept answer, byte for byte; different: 422).
+ *
+ * DEAD_LETTERS (skip mode, when a record was rejected): a second COPY, into
+ * rejected_records, fed from the request's spool (dead_letters.h) in slices
+ * of the COPY buffer, with the same backpressure as the users COPY.
  *
  * Before its COPY takes any user_id, an ingest takes the export horizon's
  * lock naming its lower bound (export.h): exports return only rows below the
@@ -31,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dead_letters.h"
 #include "export.h"
 #include "row_encoder.h"
 #include "schema.h"
@@ -139,9 +144,12 @@ static void build_answer(ji_ingest_t *in)
                    "{\"inserted\":%" PRIu64 ",\"skipped\":%" PRIu64 ",\"lines\":%" PRIu64 ",\"images\":%" PRIu64
                    ",\"bytes\":%" PRIu64 ",\"batch_id\":%" PRId64 ",\"first_user_id\":%s,\"last_user_id\":%s"
                    ",\"elapsed_ms\":%.1f",
-                   in->inserted, in->skipped,
-                   in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter),
-                   in->images_stored, in->bytes, in->batch_id, in->first_id, in->last_id, elapsed_ms(in));
+                   in->inserted, in->skipped, ji_ingest_lines(in), in->images_stored, in->bytes, in->batch_id,
+                   in->first_id, in->last_id, elapsed_ms(in));
+    if (in->skipped > 0)
+        ji_text_printf(t, ",\"rejected_url\":\"/batches/%" PRId64 "/rejected\"", in->batch_id);
+    else
+        ji_text_append(t, H2O_STRLIT(",\"rejected_url\":null"));
     if (in->params.skip_errors) {
         ji_text_append(t, ",\"errors\":[", 11);
         for (size_t i = 0; i < in->nreported; i++) {
@@ -156,6 +164,11 @@ static void build_answer(ji_ingest_t *in)
         ji_text_append(t, "]", 1);
     }
     ji_text_append(t, "}\n", 2);
+}
+
+uint64_t ji_ingest_lines(const ji_ingest_t *in)
+{
+    return in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter);
 }
 
 /** Answers 200 with what in->answer holds. */
@@ -214,6 +227,7 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     give_back_committed(in);
     atomic_fetch_add_explicit(&in->env->stats->ingests_ok, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->records, in->inserted, memory_order_relaxed);
+    atomic_fetch_add_explicit(&in->env->stats->rejected_records, in->skipped, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->images, in->images_stored, memory_order_relaxed);
     succeed(in);
 }
@@ -244,7 +258,7 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     ji_error_t e;
 
     if (err != NULL) {
-        ji_ingest_tx_fail(in, "reading the batch's user ids failed", res, err);
+        ji_ingest_tx_fail(in, "keeping the batch's counts failed", res, err);
         return;
     }
     if (res != NULL && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
@@ -268,10 +282,108 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_tx_fail(in, "keeping the answer of the Idempotency-Key failed", NULL, ji_pg_error(pg));
 }
 
+/** The batch keeps its counts (GET /batches) and tells the first and last user id of the answer. */
+static void send_summary(ji_ingest_t *in)
+{
+    char counts[5][24];
+    const char *params[6] = {in->batch_id_text, counts[0], counts[1], counts[2], counts[3], counts[4]};
+
+    snprintf(counts[0], sizeof(counts[0]), "%" PRIu64, in->inserted);
+    snprintf(counts[1], sizeof(counts[1]), "%" PRIu64, in->skipped);
+    snprintf(counts[2], sizeof(counts[2]), "%" PRIu64, ji_ingest_lines(in));
+    snprintf(counts[3], sizeof(counts[3]), "%" PRIu64, in->images_stored);
+    snprintf(counts[4], sizeof(counts[4]), "%" PRIu64, in->bytes);
+    in->state = ST_SUMMARY;
+    if (ji_pg_query(in->pg,
+                    "UPDATE batches SET inserted = $2, skipped = $3, lines = $4, images = $5, bytes = $6 "
+                    "WHERE batch_id = $1 RETURNING (SELECT min(user_id) FROM users WHERE batch_id = $1), "
+                    "(SELECT max(user_id) FROM users WHERE batch_id = $1)",
+                    6, params, on_summary, in) != 0)
+        ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(in->pg));
+}
+
+/* ---- dead letters: the rejected records, from the spool into rejected_records ---- */
+
+/** Bytes of dead-letter rows one step sends before it lets the loop run (then it goes on from a zero timeout). */
+#define DEAD_LETTER_STEP_BYTES (16u * JI_COPY_BUFFER_BYTES)
+
+static void on_dead_letters_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    (void)pg;
+    if (err != NULL) {
+        ji_ingest_tx_fail(in, "keeping the rejected records failed", res, err);
+        return;
+    }
+    send_summary(in);
+}
+
+/** Sends dead-letter rows until the connection backs up, the step's share is sent, or the spool is done. */
+static void send_dead_letters(ji_ingest_t *in)
+{
+    size_t sent = 0;
+    ji_error_t e;
+
+    while (sent < DEAD_LETTER_STEP_BYTES) {
+        ptrdiff_t n = ji_dead_letters_copy_rows(in->dead, in->batch_id, in->copy_buf,
+                                                JI_COPY_BUFFER_BYTES + JI_COPY_BUFFER_SLACK, &e);
+        int r;
+        if (n < 0) {
+            ji_ingest_abort(in, &e);
+            return;
+        }
+        if (n == 0) {
+            ji_pg_set_event_cb(in->pg, NULL, NULL);
+            if (ji_pg_copy_end(in->pg, NULL, on_dead_letters_end, in) != 0)
+                ji_ingest_tx_fail(in, "ending the COPY of the rejected records failed", NULL, ji_pg_error(in->pg));
+            return;
+        }
+        if ((r = ji_pg_copy_put(in->pg, in->copy_buf, (size_t)n)) < 0) {
+            ji_ingest_tx_fail(in, "connection lost during the COPY of the rejected records", NULL, ji_pg_error(in->pg));
+            return;
+        }
+        if (r == 1)
+            return; /* the drain event comes back here */
+        sent += (size_t)n;
+    }
+    h2o_timeout_link(in->env->loop, in->env->zero_timeout, &in->tx_step);
+}
+
+static void on_dead_letters_step(h2o_timeout_entry_t *entry)
+{
+    send_dead_letters(JI_CONTAINER_OF(entry, ji_ingest_t, tx_step));
+}
+
+static void on_dead_letters_event(ji_pg_t *pg, void *ctx, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    (void)pg;
+    if (err != NULL) {
+        ji_ingest_tx_fail(in, "connection lost during the COPY of the rejected records", NULL, err);
+        return;
+    }
+    if (!h2o_timeout_is_linked(&in->tx_step))
+        send_dead_letters(in);
+}
+
+static void on_dead_letters_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    if (err != NULL) {
+        ji_ingest_tx_fail(in, "starting the COPY of the rejected records failed", res, err);
+        return;
+    }
+    in->tx_step.cb = on_dead_letters_step;
+    ji_pg_set_event_cb(pg, on_dead_letters_event, in);
+    send_dead_letters(in);
+}
+
 static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
-    const char *params[1] = {in->batch_id_text};
     ji_error_t e;
 
     if (err != NULL) {
@@ -282,14 +394,13 @@ static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_abort(in, &e);
         return;
     }
-    in->state = ST_SUMMARY;
-    if (in->inserted == 0) {
-        on_summary(pg, in, NULL, NULL);
+    if (in->dead == NULL || ji_dead_letters_count(in->dead) == 0) {
+        send_summary(in);
         return;
     }
-    if (ji_pg_query(pg, "SELECT min(user_id), max(user_id) FROM users WHERE batch_id = $1", 1, params, on_summary,
-                    in) != 0)
-        ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(pg));
+    in->state = ST_DEAD_LETTERS;
+    if (ji_pg_query(pg, JI_COPY_REJECTED_SQL, 0, NULL, on_dead_letters_start, in) != 0)
+        ji_ingest_tx_fail(in, "starting the COPY of the rejected records failed", NULL, ji_pg_error(pg));
 }
 
 /** COPY can take rows: the last ones when the body ended, else the owner's next bytes. */

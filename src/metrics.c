@@ -26,11 +26,12 @@
 /** The process's counters, summed over the workers. */
 typedef struct st_totals_t {
     /* ingests (ji_ingest_stats_t) */
-    uint64_t requests, ingests_ok, ingests_failed, ingests_in_flight, records, images, body_bytes;
+    uint64_t requests, ingests_ok, ingests_failed, ingests_in_flight, records, rejected_records, images, body_bytes;
     uint64_t errors[JI_ERR_KIND_COUNT];
     uint64_t limit_record_bytes;
     /* admission (ji_worker_stats_t) */
     uint64_t limit_ingests, refused_db, limit_client_ingests, limit_body_rate, connections_open, accept_paused;
+    uint64_t limit_connections, connections_shed;
     /* database pools */
     uint64_t pg_idle, pg_busy;
     /* the process */
@@ -46,6 +47,7 @@ static void gather_ingest(totals_t *t, ji_ingest_stats_t *s)
     t->ingests_failed += LOAD(s->ingests_failed);
     t->ingests_in_flight += LOAD(s->ingests_in_flight);
     t->records += LOAD(s->records);
+    t->rejected_records += LOAD(s->rejected_records);
     t->images += LOAD(s->images);
     t->body_bytes += LOAD(s->body_bytes);
     for (unsigned k = 0; k < JI_ERR_KIND_COUNT; k++)
@@ -61,6 +63,8 @@ static void gather_admission(totals_t *t, ji_worker_stats_t *s)
     t->limit_body_rate += LOAD(s->limit_body_rate);
     t->connections_open += LOAD(s->connections_open);
     t->accept_paused += LOAD(s->accept_paused);
+    t->limit_connections += LOAD(s->limit_connections);
+    t->connections_shed += LOAD(s->connections_shed);
 }
 
 static void gather_pool(totals_t *t, const ji_pg_pool_t *pool)
@@ -137,6 +141,8 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     sample(out, "ingests_total", "{result=\"failed\"}", t->ingests_failed);
     single(out, "ingests_in_flight", "gauge", "Ingests running now.", t->ingests_in_flight);
     single(out, "records_total", "counter", "User records committed.", t->records);
+    single(out, "rejected_records_total", "counter",
+           "Records rejected in skip mode and committed as dead letters with their batch.", t->rejected_records);
     single(out, "images_total", "counter", "Image files committed.", t->images);
     single(out, "body_bytes_total", "counter", "Request body bytes read by ingests (after chunked framing).",
            t->body_bytes);
@@ -152,12 +158,21 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     sample(out, "limits_total", "{limit=\"max_memory\"}", LOAD(server->memory_budget.refused));
     sample(out, "limits_total", "{limit=\"max_array_memory\"}", LOAD(server->array_budget.over_request_cap));
     sample(out, "limits_total", "{limit=\"array_memory_budget\"}", LOAD(server->array_budget.refused));
+    sample(out, "limits_total", "{limit=\"max_connections\"}", t->limit_connections);
     family(out, "refused_total", "counter", "Uploads refused before their body was read, by reason.");
     sample(out, "refused_total", "{reason=\"max_ingests\"}", t->limit_ingests);
     sample(out, "refused_total", "{reason=\"db_not_ready\"}", t->refused_db);
     sample(out, "refused_total", "{reason=\"max_client_ingests\"}", t->limit_client_ingests);
     sample(out, "refused_total", "{reason=\"max_memory\"}", LOAD(server->memory_budget.refused));
     single(out, "connections_open", "gauge", "Client connections open now.", t->connections_open);
+    single(out, "connections_max", "gauge", "Connections the process keeps open at most (--max-connections).",
+           server->max_connections);
+    single(out, "connections_refused_total", "counter",
+           "New connections answered 503 and closed because --max-connections were open and none was idle.",
+           t->limit_connections);
+    single(out, "connections_shed_total", "counter",
+           "Idle kept-alive connections closed to make room for a new one under --max-connections.",
+           t->connections_shed);
     single(out, "accept_paused_total", "counter", "Times accepting paused for want of file descriptors.",
            t->accept_paused);
     single(out, "memory_reserved_bytes", "gauge", "Bytes of --max-memory reserved by uploads in progress.",

@@ -254,9 +254,26 @@ int ji_request_check_policy(const ji_request_head_t *h, const ji_request_policy_
 
 /* ------------------------------------------------------------------ POST /users */
 
+/** A decimal number of at most 18 digits (no sign, no spaces): 0, or -1. */
+static int parse_count(const char *v, size_t len, uint64_t *out)
+{
+    uint64_t n = 0;
+
+    if (len == 0 || len > 18)
+        return -1;
+    for (size_t i = 0; i < len; i++) {
+        if (v[i] < '0' || v[i] > '9')
+            return -1;
+        n = n * 10 + (uint64_t)(v[i] - '0');
+    }
+    *out = n;
+    return 0;
+}
+
 int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, size_t len, ji_error_t *err)
 {
     const char *p = query, *end = query + len;
+    bool said_fail = false;
 
     while (p < end) {
         const char *amp = memchr(p, '&', end - p), *stop = amp != NULL ? amp : end;
@@ -279,9 +296,19 @@ int ji_upload_options_parse_query(ji_upload_options_t *o, const char *query, siz
             else
                 return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
                                     "unknown on_error: use on_error=skip or on_error=fail");
+            said_fail = !o->skip_errors;
+        } else if (span_is(p, klen, "max_errors")) {
+            if (parse_count(v, vlen, &o->max_errors) != 0)
+                return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL,
+                                    "max_errors must be a number of rejected records (0 to 18 digits)");
+            o->has_max_errors = true;
         }
         p = stop + 1;
     }
+    if (o->has_max_errors && said_fail)
+        return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "max_errors goes with on_error=skip, not on_error=fail");
+    if (o->has_max_errors)
+        o->skip_errors = true; /* max_errors=N implies skip */
     return 0;
 }
 

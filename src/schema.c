@@ -46,6 +46,32 @@ static const char SQL_BATCHES_HAS_DIGEST[] =
 /* batches from before request digests (a key kept without one is replayed whatever the body) */
 static const char SQL_BATCHES_DIGEST[] = "ALTER TABLE batches ADD COLUMN IF NOT EXISTS request_digest bytea";
 
+/* batches from before their counts were kept (GET /batches reads them; NULL for batches older than that) */
+static const char SQL_BATCHES_MISSING_COUNTS[] =
+    "SELECT count(*) FROM unnest(ARRAY['inserted', 'skipped', 'lines', 'images', 'bytes']) AS c WHERE NOT EXISTS "
+    "(SELECT 1 FROM pg_attribute a WHERE a.attrelid = 'batches'::regclass AND a.attname = c AND NOT a.attisdropped)";
+
+static const char SQL_BATCHES_COUNTS[] = "ALTER TABLE batches "
+                                         "ADD COLUMN IF NOT EXISTS inserted bigint, "
+                                         "ADD COLUMN IF NOT EXISTS skipped bigint, "
+                                         "ADD COLUMN IF NOT EXISTS lines bigint, "
+                                         "ADD COLUMN IF NOT EXISTS images bigint, "
+                                         "ADD COLUMN IF NOT EXISTS bytes bigint";
+
+/*
+ * The dead letters of skip mode: one row per rejected record, in its batch's transaction. `record` is the line
+ * byte for byte without its line end (its first JI_DEAD_LETTER_KEEP_BYTES when `truncated`). Deleting a batch
+ * deletes its dead letters.
+ */
+static const char SQL_CREATE_REJECTED[] = "CREATE TABLE IF NOT EXISTS rejected_records ("
+                                          "batch_id bigint NOT NULL REFERENCES batches (batch_id) ON DELETE CASCADE, "
+                                          "line bigint NOT NULL, "
+                                          "error text NOT NULL, "
+                                          "field text, "
+                                          "record bytea NOT NULL, "
+                                          "truncated boolean NOT NULL DEFAULT false, "
+                                          "PRIMARY KEY (batch_id, line))";
+
 /* the sweep of expired keys reads keys by age: a small index over the rows that still hold a key */
 static const char SQL_HAS_KEY_AGE_INDEX[] =
     "SELECT count(*) FROM pg_class WHERE oid = to_regclass('batches_key_age_idx')";
@@ -159,6 +185,14 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
         goto rollback;
     if (has_digest == 0 &&
         exec_expect(conn, SQL_BATCHES_DIGEST, PGRES_COMMAND_OK, "adding request_digest to batches", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_BATCHES_MISSING_COUNTS, PGRES_TUPLES_OK, "reading the columns of batches", err,
+                    &missing) != 0)
+        goto rollback;
+    if (missing > 0 &&
+        exec_expect(conn, SQL_BATCHES_COUNTS, PGRES_COMMAND_OK, "adding counts to batches", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_CREATE_REJECTED, PGRES_COMMAND_OK, "creating table rejected_records", err, NULL) != 0)
         goto rollback;
     if (exec_expect(conn, SQL_HAS_KEY_AGE_INDEX, PGRES_TUPLES_OK, "reading the indexes of batches", err, &indexes) != 0)
         goto rollback;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -134,6 +135,70 @@ void ji_server_release_ingest(ji_worker_t *w)
     atomic_fetch_sub(&w->server->ingests_running, 1);
 }
 
+/* ------------------------------------------------------------------ connections and descriptors */
+
+/*
+ * Raises the soft open-files limit to the hard one, as Go's runtime and nginx's worker_rlimit_nofile do: the soft
+ * limit (often 1024) is a default for programs that use select(), which this one does not, and each connection
+ * costs a descriptor. Writes what happened to `note` for the start-up line; returns the limit now in force.
+ */
+static unsigned long raise_nofile(char *note, size_t size)
+{
+    struct rlimit rl;
+    rlim_t was, want;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        snprintf(note, size, "open files: unknown (%s)", strerror(errno));
+        return JI_MIN_DEFAULT_MAX_CONNECTIONS;
+    }
+    was = rl.rlim_cur;
+    want = rl.rlim_max == RLIM_INFINITY ? JI_NOFILE_UNLIMITED_CAP : rl.rlim_max;
+    if (was != RLIM_INFINITY && was >= want) {
+        snprintf(note, size, "open files %llu", (unsigned long long)was);
+        return (unsigned long)was;
+    }
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        snprintf(note, size, "open files %llu (could not raise it to %llu: %s)", (unsigned long long)was,
+                 (unsigned long long)want, strerror(errno));
+        return (unsigned long)was;
+    }
+    snprintf(note, size, "open files %llu (raised from %llu)", (unsigned long long)want, (unsigned long long)was);
+    return (unsigned long)want;
+}
+
+/** The default of --max-connections for `nofile` descriptors: what is left after files and database connections. */
+static unsigned default_max_connections(const ji_config_t *cfg, unsigned long nofile)
+{
+    unsigned long reserved = JI_FD_RESERVE_FIXED + (unsigned long)JI_FD_RESERVE_PER_THREAD * cfg->threads +
+                             (unsigned long)JI_FD_RESERVE_PER_INGEST * cfg->max_ingests;
+    unsigned long n = nofile > reserved ? (nofile - reserved) / 2 : 0;
+
+    if (n < JI_MIN_DEFAULT_MAX_CONNECTIONS)
+        n = JI_MIN_DEFAULT_MAX_CONNECTIONS;
+    return n > JI_MAX_FLAG_VALUE ? JI_MAX_FLAG_VALUE : (unsigned)n;
+}
+
+static void init_connection_cap(ji_server_t *server, const ji_config_t *cfg)
+{
+    ji_error_t err;
+    ji_text_t body = {0};
+
+    server->max_connections =
+        cfg->max_connections != 0 ? cfg->max_connections : default_max_connections(cfg, server->nofile);
+    if (cfg->max_connections != 0 && cfg->max_connections >= server->nofile)
+        fprintf(stderr,
+                "--max-connections %u is not below the open-files limit (%lu): past the limit accepting pauses "
+                "(JI_ACCEPT_PAUSE_MS) instead of answering 503\n",
+                cfg->max_connections, server->nofile);
+    ji_error_set(&err, JI_ERR_BUSY, 0, NULL, "too many connections open (--max-connections %u): retry later",
+                 server->max_connections);
+    ji_response_error_json(&body, &err);
+    snprintf(server->connections_refusal, sizeof(server->connections_refusal), "%.*s", body.failed ? 0 : (int)body.len,
+             body.base != NULL ? body.base : "");
+    ji_text_free(&body);
+}
+
 /* ------------------------------------------------------------------ workers */
 
 static int open_listener(const ji_config_t *cfg)
@@ -212,11 +277,17 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
      * connections while another still runs a request it has not reported yet */
     atomic_init(&w->draining_busy, true);
     h2o_linklist_init_anchor(&w->conns);
+    h2o_linklist_init_anchor(&w->idle_conns);
     h2o_context_init(&w->ctx, h2o_evloop_create(), &server->h2o_config);
     w->accept_ctx.ctx = &w->ctx;
     w->accept_ctx.hosts = server->h2o_config.hosts;
     h2o_timeout_init(w->ctx.loop, &w->feed_flush_timeout, JI_FEED_FLUSH_MS);
     h2o_timeout_init(w->ctx.loop, &w->idle_timeout, server->config->idle_timeout_ms);
+    /* never longer than --idle-timeout: that one says how long anything may wait */
+    h2o_timeout_init(w->ctx.loop, &w->keepalive_timeout,
+                     server->config->keepalive_timeout_ms < server->config->idle_timeout_ms
+                         ? server->config->keepalive_timeout_ms
+                         : server->config->idle_timeout_ms);
     h2o_timeout_init(w->ctx.loop, &w->linger_timeout, JI_LINGER_MS);
     h2o_timeout_init(w->ctx.loop, &w->yield_timeout, JI_YIELD_MS);
     h2o_timeout_init(w->ctx.loop, &w->accept_pause_timeout, JI_ACCEPT_PAUSE_MS);
@@ -254,6 +325,7 @@ static void *worker_run(void *arg)
     for (;;) {
         if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
             break;
+        ji_front_door_shed(w);
         if (!atomic_load(&w->server->stopping))
             continue;
         if (w->listener != NULL) {
@@ -387,6 +459,7 @@ static void worker_dispose(ji_worker_t *w)
     h2o_evloop_run(loop, 0);
     h2o_timeout_dispose(loop, &w->feed_flush_timeout);
     h2o_timeout_dispose(loop, &w->idle_timeout);
+    h2o_timeout_dispose(loop, &w->keepalive_timeout);
     h2o_timeout_dispose(loop, &w->linger_timeout);
     h2o_timeout_dispose(loop, &w->yield_timeout);
     if (h2o_timeout_is_linked(&w->accept_pause))
@@ -405,9 +478,12 @@ int ji_server_run(const ji_config_t *config)
     unsigned i, started = 0, initialized = 0;
     sigset_t stop_signals;
     ji_error_t err;
+    char nofile_note[160];
     int ret = 1, listen_fd = -1;
 
     signal(SIGPIPE, SIG_IGN);
+    server.nofile = raise_nofile(nofile_note, sizeof(nofile_note));
+    init_connection_cap(&server, config);
     if (config->token_file != NULL && load_token(&server, config->token_file) != 0)
         return 1;
     if (config->trusted_proxies != NULL &&
@@ -467,8 +543,9 @@ int ji_server_run(const ji_config_t *config)
             goto Exit;
         initialized++;
     }
-    fprintf(stderr, "jsonl-ingest listening on %s:%u (%u threads, images in %s, fsync %s)\n", config->listen_host,
-            config->listen_port, config->threads, config->images_dir, config->fsync ? "on" : "off");
+    fprintf(stderr, "jsonl-ingest listening on %s:%u (%u threads, images in %s, fsync %s, %s, max connections %u)\n",
+            config->listen_host, config->listen_port, config->threads, config->images_dir, config->fsync ? "on" : "off",
+            nofile_note, server.max_connections);
     for (i = 1; i < config->threads; i++) {
         if (pthread_create(&threads[i], NULL, worker_run, &workers[i]) != 0) {
             fprintf(stderr, "cannot start thread %u\n", i);

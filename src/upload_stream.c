@@ -612,6 +612,8 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
     u->yield_timer.cb = on_yield_timer;
     u->rate_timer.cb = on_rate_timer;
     u->params.skip_errors = options->skip_errors;
+    u->params.has_max_errors = options->has_max_errors;
+    u->params.max_errors = options->max_errors;
     u->params.idempotency_key = options->idempotency_key[0] != '\0' ? u->options.idempotency_key : NULL;
     c->body_unread = ji_request_has_body(head);
     if (head->chunked)

@@ -152,17 +152,19 @@ def images_dir(tmp_path):
 
 @pytest.fixture
 def start_server(request, db, images_dir, tmp_path):
-    """start_server(fsync='off', args=(), db=None, images_dir=None, env=None) -> helpers.Server.
+    """start_server(fsync='off', args=(), db=None, images_dir=None, env=None, prefix=()) -> helpers.Server.
+    `prefix`: a command line that execs the server, e.g. ["prlimit", "--nofile=256:256"].
     Each server gets a free port, is stopped with SIGTERM after the test, and its
     log is attached to the report of a failed test."""
     servers = []
     request.node._ji_servers = servers
 
-    def start(fsync="off", args=(), db=None, images_dir=None, env=None, port=None):
+    def start(fsync="off", args=(), db=None, images_dir=None, env=None, port=None, prefix=()):
         n = len(servers)
         srv = helpers.Server(db=db or request.getfixturevalue("db").url,
                              images_dir=images_dir or request.getfixturevalue("images_dir"),
-                             log_path=tmp_path / f"server-{n}.log", fsync=fsync, args=args, env=env, port=port)
+                             log_path=tmp_path / f"server-{n}.log", fsync=fsync, args=args, env=env, port=port,
+                             prefix=prefix)
         servers.append(srv)
         srv.start()
         return srv

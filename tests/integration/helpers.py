@@ -144,7 +144,7 @@ def _kill_leftover_servers():
 class Server:
     """One jsonl-ingest process on 127.0.0.1:<free port>, stdout+stderr in a log file."""
 
-    def __init__(self, db, images_dir, log_path, fsync="off", args=(), port=None, env=None):
+    def __init__(self, db, images_dir, log_path, fsync="off", args=(), port=None, env=None, prefix=()):
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.base = f"http://{self.host}:{self.port}"
@@ -157,6 +157,7 @@ class Server:
         if fsync is not None:
             self.argv += ["--fsync", fsync]
         self.argv += [str(a) for a in args]
+        self.prefix = [str(a) for a in prefix]  # a command that execs the server (same pid), e.g. prlimit
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
 
@@ -167,7 +168,7 @@ class Server:
         self.log = open(self.log_path, "ab")
         self.log.write(("$ " + " ".join(self.argv) + "\n").encode())
         self.log.flush()
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.prefix + self.argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
         _LIVE_SERVERS.add(self.proc)
         deadline = time.monotonic() + timeout

@@ -273,8 +273,31 @@ static void test_listen_port_is_strict(void)
     CHECK_EQ_INT(cfg.listen_port, 65535);
 }
 
+static void test_connection_flags(void)
+{
+    const char *none[] = {"x", NULL};
+    const char *given[] = {"x", "--max-connections", "50", "--keepalive-timeout", "2", NULL};
+    const char *high[] = {"x", "--max-connections", "1000000", "--keepalive-timeout", "1000000", NULL};
+    static const char *bad[] = {"0", "-1", "+5", " 5", "5 ", "5k", "1.5", "", "1000001", "18446744073709551616"};
+    ji_config_t cfg;
+
+    CHECK_EQ_INT(parse(&cfg, 1, none), 0);
+    CHECK_EQ_INT(cfg.max_connections, 0); /* derived from the open-files limit at start */
+    CHECK_EQ_INT(cfg.keepalive_timeout_ms, JI_DEFAULT_KEEPALIVE_TIMEOUT_S * 1000);
+    CHECK_EQ_INT(parse(&cfg, 5, given), 0);
+    CHECK_EQ_INT(cfg.max_connections, 50);
+    CHECK_EQ_INT(cfg.keepalive_timeout_ms, 2000);
+    CHECK_EQ_INT(parse(&cfg, 5, high), 0);
+    CHECK_EQ_INT(cfg.max_connections, JI_MAX_FLAG_VALUE);
+    CHECK(cfg.keepalive_timeout_ms == JI_MAX_FLAG_VALUE * 1000u);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        check_refused("--max-connections", bad[i]);
+        check_refused("--keepalive-timeout", bad[i]);
+    }
+}
+
 UNIT_MAIN("config", {"defaults", test_defaults}, {"flags", test_flags},
           {"limits_survive_later_flags", test_limits_survive_later_flags}, {"env_db_and_gc", test_env_db_and_gc},
           {"rejects", test_rejects}, {"numbers_are_strict", test_numbers_are_strict},
           {"numbers_at_their_bounds", test_numbers_at_their_bounds},
-          {"listen_port_is_strict", test_listen_port_is_strict})
+          {"listen_port_is_strict", test_listen_port_is_strict}, {"connection_flags", test_connection_flags})
