@@ -20,6 +20,12 @@ void ji_text_append(ji_text_t *t, const char *s, size_t len);
 void ji_text_printf(ji_text_t *t, const char *fmt, ...) JI_PRINTF(2, 3);
 /** Appends `s` as a JSON string literal, quotes included. */
 void ji_text_json_string(ji_text_t *t, const char *s, size_t len);
+/**
+ * Appends `s` escaped as the inside of a JSON string, without quotes: double quote, backslash and control
+ * characters escaped, every other byte as it is. Bytes are escaped one by one, so a string may be given in pieces
+ * cut anywhere.
+ */
+void ji_text_json_escape(ji_text_t *t, const char *s, size_t len);
 void ji_text_free(ji_text_t *t);
 
 /** The reason phrase of an HTTP status ("Unprocessable Entity"). */

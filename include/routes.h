@@ -15,6 +15,9 @@ typedef enum {
     JI_ROUTE_USERS_CSV,  /**< /users.csv: GET/HEAD export (CSV) */
     JI_ROUTE_USER,       /**< /users/{id} */
     JI_ROUTE_USER_IMAGE, /**< /users/{id}/image */
+    JI_ROUTE_BATCHES,    /**< /batches: every batch (JSON Lines) */
+    JI_ROUTE_BATCH,      /**< /batches/{id} */
+    JI_ROUTE_REJECTED,   /**< /batches/{id}/rejected: a batch's dead letters */
     JI_ROUTE_HEALTHZ,    /**< /healthz */
     JI_ROUTE_READYZ,     /**< /readyz */
     JI_ROUTE_METRICS,    /**< /metrics */

@@ -30,6 +30,11 @@
 #define JI_REJECTED_PAGE_ROWS 256
 #define JI_REJECTED_PAGE_BYTES (1024u * 1024)
 /**
+ * Bytes of a /rejected answer written at a time from the page in memory: a record is escaped (up to 6 bytes for
+ * one) or base64-encoded piece by piece, so what is sent never costs more than this besides the two pages.
+ */
+#define JI_REJECTED_CHUNK_BYTES (64u * 1024)
+/**
  * Deepest nesting of one record, a JSON Lines line or one element of an array body, the record's own object
  * counting 1: a deeper record is refused (400) before anything is built from it. A record needs 1 level (2 with
  * an object in an ignored member); 64 leaves room for any sane extra member. Without it a 600 KB body of

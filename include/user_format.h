@@ -20,10 +20,12 @@
 #include <libpq-fe.h>
 #include "json_text.h"
 
+/** A timestamptz column as the read side writes every timestamp: RFC 3339 in UTC, microseconds. */
+#define JI_SQL_TIMESTAMP(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
 /** The columns, in this order, of every query whose rows are written here. created_at as RFC 3339 in UTC. */
 #define JI_USER_COLUMNS                                                                                                \
-    "user_id, name, email, image_path IS NOT NULL, image_type, image_size, batch_id, "                                 \
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    "user_id, name, email, image_path IS NOT NULL, image_type, image_size, batch_id, " JI_SQL_TIMESTAMP("created_at")
 enum {
     JI_USER_COL_ID,
     JI_USER_COL_NAME,

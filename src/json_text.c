@@ -52,10 +52,16 @@ void ji_text_printf(ji_text_t *t, const char *fmt, ...)
 
 void ji_text_json_string(ji_text_t *t, const char *s, size_t len)
 {
+    ji_text_append(t, "\"", 1);
+    ji_text_json_escape(t, s, len);
+    ji_text_append(t, "\"", 1);
+}
+
+void ji_text_json_escape(ji_text_t *t, const char *s, size_t len)
+{
     static const char hex[] = "0123456789abcdef";
     size_t start = 0, i;
 
-    ji_text_append(t, "\"", 1);
     for (i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
         char esc[7];
@@ -91,7 +97,6 @@ void ji_text_json_string(ji_text_t *t, const char *s, size_t len)
         start = i + 1;
     }
     ji_text_append(t, s + start, len - start);
-    ji_text_append(t, "\"", 1);
 }
 
 void ji_text_free(ji_text_t *t)

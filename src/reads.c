@@ -30,6 +30,7 @@
 #include "export.h"
 #include "handler_reply.h"
 #include "json_text.h"
+#include "read_params.h"
 #include "server.h"
 #include "user_format.h"
 
@@ -107,40 +108,6 @@ static bool result_usable(h2o_req_t *req, const PGresult *res, const char *err, 
         return false;
     }
     return true;
-}
-
-/* ------------------------------------------------------------------ numbers */
-
-/** Most characters of a client's value quoted back in an error message. */
-#define ECHO_MAX 40
-
-/** A client's value for an error message: at most ECHO_MAX printable ASCII characters (others become '?'). */
-static const char *echo_value(char buf[ECHO_MAX + 1], const char *s, size_t len)
-{
-    size_t n = len < ECHO_MAX ? len : ECHO_MAX;
-
-    for (size_t i = 0; i < n; i++)
-        buf[i] = s[i] >= 0x20 && s[i] <= 0x7e ? s[i] : '?';
-    buf[n] = '\0';
-    return buf;
-}
-
-/** Parses 1 to 19 decimal digits, at most INT64_MAX. 0, or -1. */
-static int parse_int64(const char *s, size_t len, int64_t *out)
-{
-    uint64_t v = 0;
-
-    if (len == 0 || len > 19)
-        return -1;
-    for (size_t i = 0; i < len; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
-        v = v * 10 + (uint64_t)(s[i] - '0');
-    }
-    if (v > (uint64_t)INT64_MAX)
-        return -1;
-    *out = (int64_t)v;
-    return 0;
 }
 
 /* ------------------------------------------------------------------ GET /users/{id} */
@@ -360,42 +327,35 @@ static void get_image(ji_worker_t *w, h2o_req_t *req, int64_t id, bool head)
 /* ------------------------------------------------------------------ GET /users, GET /users.csv */
 
 /**
- * Parses `after_id=N&limit=M` and, for CSV, `formulas=raw` (other parameters are ignored). 0, or -1 after
- * answering 400.
+ * Parses `after_id=N&limit=M` (read_params.h) and, for CSV, `formulas=raw` (other parameters are ignored). 0, or -1
+ * after answering 400.
  */
 static int parse_export_query(h2o_req_t *req, bool csv, ji_export_query_t *q)
 {
     const char *end = req->path.base + req->path.len;
     const char *s = req->query_at != SIZE_MAX ? req->path.base + req->query_at + 1 : end;
-    char echo[ECHO_MAX + 1];
+    ji_keyset_t k = {.after_id = 0, .limit = UINT64_MAX};
+    ji_csv_formulas_t formulas = JI_CSV_FORMULAS_NEUTRALISE;
+    char echo[JI_ECHO_MAX + 1];
+    ji_query_param_t p;
+    ji_error_t err;
+    int r;
 
-    *q = (ji_export_query_t){.after_id = 0, .limit = UINT64_MAX, .formulas = JI_CSV_FORMULAS_NEUTRALISE};
-    for (; s < end; s++) {
-        const char *amp = memchr(s, '&', (size_t)(end - s)), *stop = amp != NULL ? amp : end;
-        const char *eq = memchr(s, '=', (size_t)(stop - s)), *v = eq != NULL ? eq + 1 : stop;
-        size_t klen = eq != NULL ? (size_t)(eq - s) : 0, vlen = (size_t)(stop - v);
-        bool after = h2o_memis(s, klen, H2O_STRLIT("after_id")), limit = h2o_memis(s, klen, H2O_STRLIT("limit"));
-        int64_t n = 0;
-
-        if ((after || limit) && parse_int64(v, vlen, &n) != 0) {
-            ji_reply_errorf(req, JI_ERR_MALFORMED, "%s must be an integer from 0 to %" PRId64 ", not \"%s\"",
-                            after ? "after_id" : "limit", INT64_MAX, echo_value(echo, v, vlen));
+    while (ji_query_next(&s, end, &p)) {
+        if ((r = ji_keyset_param(&p, &k, &err)) < 0) {
+            ji_reply_error(req, &err);
             return -1;
         }
-        if (after) {
-            q->after_id = n;
-        } else if (limit) {
-            q->limit = (uint64_t)n;
-        } else if (csv && h2o_memis(s, klen, H2O_STRLIT("formulas"))) {
-            if (!h2o_memis(v, vlen, H2O_STRLIT("raw"))) {
+        if (r == 0 && csv && ji_query_param_is(&p, "formulas")) {
+            if (!h2o_memis(p.value, p.value_len, H2O_STRLIT("raw"))) {
                 ji_reply_errorf(req, JI_ERR_MALFORMED, "formulas must be \"raw\" (or absent), not \"%s\"",
-                                echo_value(echo, v, vlen));
+                                ji_echo_value(echo, p.value, p.value_len));
                 return -1;
             }
-            q->formulas = JI_CSV_FORMULAS_RAW;
+            formulas = JI_CSV_FORMULAS_RAW;
         }
-        s = stop;
     }
+    *q = (ji_export_query_t){.after_id = k.after_id, .limit = k.limit, .formulas = formulas};
     return 0;
 }
 
@@ -416,7 +376,7 @@ int ji_reads_handle_users(ji_worker_t *w, h2o_req_t *req)
     const size_t prefix = sizeof("/users/") - 1;
     const char *rest, *slash;
     size_t rest_len, id_len;
-    char echo[ECHO_MAX + 1];
+    char echo[JI_ECHO_MAX + 1];
     int64_t id;
     bool head;
 
@@ -436,9 +396,9 @@ int ji_reads_handle_users(ji_worker_t *w, h2o_req_t *req)
     }
     if (!accept_method(req, "GET, HEAD", &head))
         return 0;
-    if (parse_int64(rest, id_len, &id) != 0) {
+    if (ji_parse_int64(rest, id_len, &id) != 0) {
         ji_reply_errorf(req, JI_ERR_MALFORMED, "user id must be an integer from 0 to %" PRId64 ", not \"%s\"",
-                        INT64_MAX, echo_value(echo, rest, id_len));
+                        INT64_MAX, ji_echo_value(echo, rest, id_len));
         return 0;
     }
     if (!db_usable(w, req))

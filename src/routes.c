@@ -11,6 +11,34 @@ static bool span_is(const char *s, size_t len, const char *lit)
     return len == strlen(lit) && memcmp(s, lit, len) == 0;
 }
 
+/**
+ * `<prefix>{segment}` (the item) or `<prefix>{segment}<sub>`: the read side judges the segment (400 for a bad id).
+ * -1 when the path has neither shape.
+ */
+static int route_of_item(const char *p, size_t len, const char *prefix, const char *sub, ji_route_id_t item,
+                         ji_route_id_t below, ji_route_id_t *id)
+{
+    size_t prefix_len = strlen(prefix), seg_len;
+    const char *seg, *slash;
+
+    if (len <= prefix_len || memcmp(p, prefix, prefix_len) != 0)
+        return -1;
+    seg = p + prefix_len;
+    slash = memchr(seg, '/', len - prefix_len);
+    seg_len = slash != NULL ? (size_t)(slash - seg) : len - prefix_len;
+    if (seg_len == 0)
+        return -1;
+    if (slash == NULL) {
+        *id = item;
+        return 0;
+    }
+    if (span_is(slash, len - (size_t)(slash - p), sub)) {
+        *id = below;
+        return 0;
+    }
+    return -1;
+}
+
 /** The route of a path, by shape alone. -1 when no route has that path. */
 static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
 {
@@ -19,11 +47,8 @@ static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
         ji_route_id_t id;
     } fixed[] = {
         {"/users", JI_ROUTE_USERS},   {"/users.csv", JI_ROUTE_USERS_CSV}, {"/healthz", JI_ROUTE_HEALTHZ},
-        {"/readyz", JI_ROUTE_READYZ}, {"/metrics", JI_ROUTE_METRICS},
+        {"/readyz", JI_ROUTE_READYZ}, {"/metrics", JI_ROUTE_METRICS},     {"/batches", JI_ROUTE_BATCHES},
     };
-    static const char users[] = "/users/", image[] = "/image";
-    const char *seg, *slash;
-    size_t seg_len;
 
     for (size_t i = 0; i < sizeof(fixed) / sizeof(fixed[0]); i++) {
         if (span_is(p, len, fixed[i].path)) {
@@ -31,23 +56,9 @@ static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
             return 0;
         }
     }
-    /* /users/{segment} and /users/{segment}/image; the read side judges the segment (400 for a bad id) */
-    if (len <= sizeof(users) - 1 || memcmp(p, users, sizeof(users) - 1) != 0)
-        return -1;
-    seg = p + sizeof(users) - 1;
-    slash = memchr(seg, '/', len - (sizeof(users) - 1));
-    seg_len = slash != NULL ? (size_t)(slash - seg) : len - (sizeof(users) - 1);
-    if (seg_len == 0)
-        return -1;
-    if (slash == NULL) {
-        *id = JI_ROUTE_USER;
+    if (route_of_item(p, len, "/users/", "/image", JI_ROUTE_USER, JI_ROUTE_USER_IMAGE, id) == 0)
         return 0;
-    }
-    if (span_is(slash, len - (size_t)(slash - p), image)) {
-        *id = JI_ROUTE_USER_IMAGE;
-        return 0;
-    }
-    return -1;
+    return route_of_item(p, len, "/batches/", "/rejected", JI_ROUTE_BATCH, JI_ROUTE_REJECTED, id);
 }
 
 int ji_route_match(const char *method, size_t method_len, const char *path, size_t path_len, ji_route_t *route,

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "array_mode.h"
+#include "batches.h"
 #include "front_door.h"
 #include "h2o_bridge.h"
 #include "gunzip.h"
@@ -439,6 +440,7 @@ static void configure_h2o(ji_server_t *server)
     ji_health_register(host);
     ji_metrics_register(host);
     ji_reads_register(host);
+    ji_batches_register(host);
     register_handler(host, "/users", on_users);
     register_handler(host, "/", on_not_found);
 }

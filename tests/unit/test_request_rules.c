@@ -103,6 +103,22 @@ static void test_routes(void)
     CHECK(r.probe);
     CHECK_EQ_INT(route("GET", "/metrics", &r, &err), 0);
     CHECK(!r.probe);
+    CHECK_EQ_INT(route("GET", "/batches", &r, &err), 0);
+    CHECK_EQ_INT(r.id, JI_ROUTE_BATCHES);
+    CHECK_EQ_INT(route("HEAD", "/batches/7", &r, &err), 0);
+    CHECK_EQ_INT(r.id, JI_ROUTE_BATCH);
+    CHECK_EQ_INT(route("GET", "/batches/x/rejected", &r, &err), 0);
+    CHECK_EQ_INT(r.id, JI_ROUTE_REJECTED);
+    CHECK_EQ_INT(route("POST", "/batches/7/rejected", &r, &err), -1);
+    CHECK_EQ_INT(err.kind, JI_ERR_METHOD);
+    CHECK_EQ_STR(r.allow, "GET, HEAD");
+    static const char *const no_batch[] = {"/batches/",        "/batches/7/",        "/batches/7/rejected/",
+                                           "/batches/7/image", "/batches//rejected", "/batches.csv",
+                                           "/batch/7"};
+    for (size_t i = 0; i < sizeof(no_batch) / sizeof(no_batch[0]); i++) {
+        CHECK_EQ_INT(route("GET", no_batch[i], &r, &err), -1);
+        CHECK_EQ_INT(err.kind, JI_ERR_NOT_FOUND);
+    }
 }
 
 static void test_policy(void)
