@@ -136,7 +136,8 @@ def test_get_batch_written_by_an_upload(server, db, tmp_path):
     j = get(server, f"/batches/{u['batch_id']}", tmp_path).json()
     assert j["batch_id"] == u["batch_id"] and CREATED_AT_RE.match(j["created_at"]), j
     for k in ("inserted", "skipped", "lines", "images", "bytes"):
-        assert j[k] in (u[k], None), (k, j, u)  # NULL only if this version's ingest does not keep the counts
+        assert j[k] == u[k], (k, j, u)
+    assert j["rejected_url"] is None and j["idempotency_key"] is None, j
 
 
 def test_get_batch_errors(server, db, tmp_path):
