@@ -272,3 +272,44 @@ def test_200mb_of_rejected_lines_bounded_memory_and_all_read_back(start_server, 
     figures(f"dead letters: {size / 1e6:.0f} MB of rejected lines ({lines} lines), skip mode: "
             f"{size / 1e6 / secs:.1f} MB/s, peak RSS {hwm / 1024:.1f} MiB (idle {idle / 1024:.1f} MiB); "
             f"raw read-back byte-identical, peak RSS then {hwm_read / 1024:.1f} MiB")
+
+
+def test_round_trip_batch_dead_letters_raw_and_resend(srv, db):
+    """The answer, GET /batches/{id}, the JSON dead letters field by field, the raw form byte for byte; the raw
+    lines, fixed, resend and commit."""
+    body, bad_at, nlines = mixed_body()
+    a = post(srv, body).json()
+    bid = a["batch_id"]
+    b = get(srv, f"/batches/{bid}")
+    assert b.status == 200, b
+    bj = b.json()
+    for k in ("inserted", "skipped", "lines", "images", "bytes"):
+        assert bj[k] == a[k], (k, bj, a)
+    assert bj["batch_id"] == bid and bj["rejected_url"] == a["rejected_url"] and bj["idempotency_key"] is None
+    assert bj["created_at"]
+
+    r = get(srv, a["rejected_url"])
+    assert r.status == 200 and r.headers["content-type"].startswith("application/x-ndjson"), r
+    got = [json.loads(x) for x in r.body.decode().splitlines()]
+    assert [x["line"] for x in got] == sorted(bad_at)
+    for x in got:
+        line, field, word, truncated = bad_at[x["line"]]
+        kept = line[:64 * 1024] if truncated else line
+        assert x["truncated"] is truncated and x["field"] == field and word in x["error"], x
+        try:
+            text = kept.decode("utf-8")
+        except UnicodeDecodeError:
+            assert x["record"] is None and base64.b64decode(x["record_base64"]) == kept, x
+        else:
+            assert x["record"] == text and "record_base64" not in x, x
+
+    raw = get(srv, a["rejected_url"] + "?format=raw")
+    assert raw.status == 200, raw
+    want = b"".join(bad_at[n][0] + b"\n" for n in sorted(bad_at) if not bad_at[n][3])
+    assert raw.body == want
+
+    # fix: a producer that repairs each rejected line by replacing it with a good record; resend just them
+    fixed = b"".join(good(1000 + i, "fixed") + b"\n" for i, _ in enumerate(raw.body.splitlines()))
+    again = post(srv, fixed)
+    assert again.status == 200 and again.json()["inserted"] == len(raw.body.splitlines()), again
+    assert again.json()["rejected_url"] is None
