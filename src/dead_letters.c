@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "service_limits.h"
@@ -118,6 +119,39 @@ static int write_at(ji_dead_letters_t *d, const void *data, size_t len, uint64_t
     return 0;
 }
 
+/** Writes the `n` parts at `off`, in order, back to back. */
+static int write_parts_at(ji_dead_letters_t *d, const struct iovec *parts, int n, uint64_t off, ji_error_t *err)
+{
+    size_t total = 0, done;
+    ssize_t w;
+
+    for (int i = 0; i < n; i++)
+        total += parts[i].iov_len;
+    do
+        w = pwritev(d->fd, parts, n, (off_t)off);
+    while (w < 0 && errno == EINTR);
+    if (w == (ssize_t)total)
+        return 0;
+    if (w < 0)
+        return ji_error_set(err, errno == ENOSPC || errno == EDQUOT ? JI_ERR_DISK_FULL : JI_ERR_INTERNAL, 0, NULL,
+                            "writing the dead-letter spool failed: %s", strerror(errno));
+    /* a short write: the rest part by part */
+    done = (size_t)w;
+    for (int i = 0; i < n; i++) {
+        size_t len = parts[i].iov_len;
+        if (done >= len) {
+            done -= len;
+            off += len;
+            continue;
+        }
+        if (write_at(d, (const char *)parts[i].iov_base + done, len - done, off + done, err) != 0)
+            return -1;
+        off += len;
+        done = 0;
+    }
+    return 0;
+}
+
 static int read_at(ji_dead_letters_t *d, void *data, size_t len, uint64_t off, ji_error_t *err)
 {
     char *p = data;
@@ -181,16 +215,22 @@ int ji_dead_letters_keep(ji_dead_letters_t *d, const ji_error_t *why, bool trunc
         h.len--; /* CRLF: the line end is not part of the record */
     h.field_len = (uint16_t)strnlen(why->field, sizeof(why->field));
     h.error_len = (uint32_t)strnlen(why->message, sizeof(why->message));
-    if (open_spool(d, err) != 0 || write_at(d, &h, sizeof(h), off, err) != 0)
+    size_t held = h.len < sizeof(d->buf) ? (size_t)h.len : sizeof(d->buf);
+    struct iovec parts[4] = {{&h, sizeof(h)},
+                             {d->buf, held},
+                             {(void *)why->field, h.field_len},
+                             {(void *)why->message, h.error_len}};
+
+    if (open_spool(d, err) != 0)
         goto fail;
-    off += sizeof(h);
-    if (write_at(d, d->buf, h.len < sizeof(d->buf) ? (size_t)h.len : sizeof(d->buf), off, err) != 0)
+    if (held == h.len) { /* all of it was in memory: one write */
+        if (write_parts_at(d, parts, 4, off, err) != 0)
+            goto fail;
+    } else if (write_parts_at(d, parts, 2, off, err) != 0 ||
+               write_parts_at(d, parts + 2, 2, off + sizeof(h) + h.len, err) != 0) { /* the rest is in place */
         goto fail;
-    off += h.len; /* the rest of a long line is already there */
-    if (write_at(d, why->field, h.field_len, off, err) != 0 ||
-        write_at(d, why->message, h.error_len, off + h.field_len, err) != 0)
-        goto fail;
-    d->kept_end = off + h.field_len + h.error_len;
+    }
+    d->kept_end = off + sizeof(h) + h.len + h.field_len + h.error_len;
     d->count++;
     d->line_len = 0;
     return 0;
