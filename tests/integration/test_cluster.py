@@ -12,9 +12,8 @@ it to the next test's fixture to start the cluster again).
   answer carries the counts of its own request;
 - a 585 MB upload over TLS (memory-marked): bounded peak RSS of the instance,
   answer right after the last byte."""
-import base64
+import atexit
 import hashlib
-import json
 import os
 import random
 import re
@@ -76,6 +75,16 @@ class InstanceLog:
             return ""
 
 
+_LIVE_CLUSTERS = set()
+
+
+@atexit.register
+def _stop_leftover_clusters():
+    # the processes run in sessions of their own: a pytest that dies past its fixtures must still stop them
+    for c in list(_LIVE_CLUSTERS):
+        c.stop()
+
+
 class Cluster:
     """scripts/cluster on free ports, the service binary under test, the module's database."""
 
@@ -94,6 +103,7 @@ class Cluster:
                               stdin=subprocess.DEVNULL, timeout=timeout)
 
     def start(self):
+        _LIVE_CLUSTERS.add(self)
         r = self.run("start", str(N_INSTANCES), "--fsync", "off")
         if r.returncode != 0:
             out = r.stdout + r.stderr
@@ -101,6 +111,7 @@ class Cluster:
             pytest.fail(f"scripts/cluster start failed ({r.returncode}):\n{out}\n{self.logs_tail()}", pytrace=False)
 
     def stop(self):
+        _LIVE_CLUSTERS.discard(self)
         return self.run("stop")
 
     def restart(self):
@@ -273,7 +284,7 @@ class PacedUpload(threading.Thread):
     """POST /users of a file through one connection at `rate` bytes/s until `finish` is set, then at full speed;
     the answer (or the error) is kept in .response / .error."""
 
-    def __init__(self, host, port, body, tls=False, rate=256 * 1024):
+    def __init__(self, host, port, body, tls=False, rate=128 * 1024):
         super().__init__(daemon=True)
         self.host, self.port, self.body, self.tls, self.rate = host, port, body, tls, rate
         self.size = os.path.getsize(body)
