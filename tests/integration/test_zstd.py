@@ -5,6 +5,8 @@ are split across reads); several frames are one body; corrupt, truncated and
 trailing-garbage bodies are 400, past --max-inflated-bytes is 413, a frame asking for
 a window over JI_MAX_ZSTD_WINDOW_LOG (2^23 bytes) is 413; the JSON-array mode decodes
 zstd too. A failed request leaves no row and no file."""
+import base64
+import hashlib
 import json
 import os
 import random
@@ -312,3 +314,22 @@ def test_zstd_of_newlines_does_not_hold_the_loop(start_server, db, tmp_path, fig
     assert r.status == 200 and r.json()["inserted"] == 0 and r.json()["lines"] == n, r
     figures(f"/healthz on the same thread during a 64 MiB zstd-of-newlines upload: worst {worst * 1000:.1f} ms")
     assert worst < 1.0
+
+
+# ------------------------------------------------------------------ Content-Digest
+@pytest.mark.parametrize("query", ["", "format=array"])
+def test_zstd_content_digest_is_over_the_compressed_bytes(server, db, tmp_path, query):
+    """Content-Digest covers the content as received: the zstd bytes, not what they decode to."""
+    recs = records("zdg", 4)
+    body = array_of(recs) if query else body_of(recs)
+    zs = zstd_bytes(body)
+
+    def digest(data):
+        return "Content-Digest: sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+    j = assert_error(post_bytes(server, tmp_path, zs, headers=ZSTD_HDR + [digest(body)], query=query), 400)
+    assert "Content-Digest" in j["error"] and "sha-256" in j["error"], j
+    assert_nothing_left(db, server.images_dir)
+    res = post_bytes(server, tmp_path, zs, headers=ZSTD_HDR + [digest(zs)], query=query)
+    assert_success(res, inserted=4, images=4)
+    check_committed(db, server.images_dir, recs)
