@@ -22,7 +22,7 @@ typedef struct st_ji_config_t {
     const char *token_file;      /**< NULL: no authentication */
     unsigned max_ingests;        /**< POST /users requests running at once in the process (--max-ingests) */
     unsigned idle_timeout_ms;    /**< a head or body that receives nothing for this long is cut (--idle-timeout) */
-    uint64_t max_inflated_bytes; /**< most bytes one gzip body may inflate to (--max-inflated-bytes) */
+    uint64_t max_inflated_bytes; /**< most bytes one gzip or zstd body may decode to (--max-inflated-bytes) */
     const char *allowed_origins; /**< Origin values allowed (--allowed-origins, comma-separated); NULL: none */
     const char *
         allowed_hosts; /**< Host names allowed (--allowed-hosts); NULL: loopback names on a loopback listener, else any */

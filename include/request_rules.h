@@ -17,7 +17,7 @@
 #include "picohttp.h"
 
 typedef enum { JI_FORMAT_UNDECIDED, JI_FORMAT_JSONL, JI_FORMAT_ARRAY } ji_format_t;
-typedef enum { JI_ENCODING_IDENTITY, JI_ENCODING_GZIP } ji_content_encoding_t;
+typedef enum { JI_ENCODING_IDENTITY, JI_ENCODING_GZIP, JI_ENCODING_ZSTD } ji_content_encoding_t;
 
 /** A parsed request head. Pointers point into the buffer given to ji_request_head_parse. */
 typedef struct st_ji_request_head_t {
@@ -43,7 +43,7 @@ typedef struct st_ji_request_head_t {
     const struct phr_header *host, *origin, *authorization, *content_type, *idempotency_key, *forwarded_for;
     const struct phr_header *content_digest; /**< judged per route (ji_upload_options_parse) */
     ji_content_encoding_t encoding;
-    bool unknown_encoding; /**< a Content-Encoding other than gzip/identity (judged per route) */
+    bool unknown_encoding; /**< a Content-Encoding other than gzip/zstd/identity (judged per route) */
 } ji_request_head_t;
 
 /** True when the request carries a body (a Content-Length above 0, or chunked). */
@@ -59,6 +59,12 @@ static inline bool ji_request_has_body(const ji_request_head_t *h)
  * Content-Digest).
  */
 int ji_request_head_parse(ji_request_head_t *h, const char *buf, size_t len, ji_error_t *err) JI_MUST_CHECK;
+
+/**
+ * The Content-Encoding named by `value` (ASCII case-insensitive): "identity", "gzip" (or "x-gzip"), "zstd". 0, or
+ * -1 for any other value (a list of codings included).
+ */
+int ji_content_encoding_parse(const char *value, size_t len, ji_content_encoding_t *encoding) JI_MUST_CHECK;
 
 /** True when the header's name is `name` (ASCII case-insensitive). */
 bool ji_header_is(const struct phr_header *h, const char *name);

@@ -46,7 +46,7 @@
 /** Default for --max-array-bytes: the largest body of the JSON-array mode, which holds it whole. */
 #define JI_DEFAULT_MAX_ARRAY_BYTES (256u * 1024 * 1024)
 /**
- * Default for --max-inflated-bytes: the most one gzip body may inflate to. 16 GiB: above the biggest batch a
+ * Default for --max-inflated-bytes: the most one gzip or zstd body may inflate to. 16 GiB: above the biggest batch a
  * crawler sends in one request, far below what a small compressed body could claim (gzip reaches ~1000:1).
  */
 #define JI_DEFAULT_MAX_INFLATED_BYTES (16ull * 1024 * 1024 * 1024)
@@ -77,14 +77,29 @@
 /** A part-filled input buffer is fed after this long without more bytes (ms): small uploads are not delayed. */
 #define JI_FEED_FLUSH_MS 5
 /**
- * Longest stretch (ms) one gzip body is inflated and fed in one turn of the event loop before its connection
+ * Longest stretch (ms) one gzip or zstd body is inflated and fed in one turn of the event loop before its connection
  * yields (for 1 ms, JI_YIELD_MS): a body that inflates fast and yields little (gigabytes of newlines) must not
  * hold the thread its other connections share. Time, not bytes: what a slice costs depends on what it holds.
  */
 #define JI_LOOP_SLICE_MS 10
 /** How long a connection that yielded waits before it goes on (ms): the others get a turn of the loop. */
 #define JI_YIELD_MS 1
-/** Inflated bytes held for the ingest on a gzip body (a multiple of what yajl wants per feed). */
+/**
+ * Largest window a zstd body's frames may ask for, as a power of two (bytes): the decoder allocates the window a
+ * frame header declares, so without a bound a 20-byte frame (window descriptor of `zstd --long=31`) would make it
+ * allocate 2 GiB. 23 = 8 MiB: what RFC 9659 tells HTTP zstd encoders to stay within, and what the zstd tool uses
+ * up to level 19 (`--ultra` levels 20-22 and `--long` ask for more). A frame that needs more is refused with 413
+ * before anything is allocated for it.
+ */
+#define JI_MAX_ZSTD_WINDOW_LOG 23
+/**
+ * What one zstd decoder may hold besides its window: its context, its input block buffer (128 KiB) and the block
+ * margin of its output buffer. libzstd 1.5 estimates ~480 KiB (ZSTD_estimateDStreamSize at a window of
+ * 2^JI_MAX_ZSTD_WINDOW_LOG minus the window; tests/unit/test_unzstd.c checks the bound against it). A zstd upload
+ * reserves the window and this from --max-memory on top of JI_UPLOAD_FIXED_BYTES.
+ */
+#define JI_ZSTD_DECODER_OVERHEAD_BYTES (1024u * 1024)
+/** Inflated bytes held for the ingest on a gzip or zstd body (a multiple of what yajl wants per feed). */
 #define JI_INFLATE_BUFFER_BYTES (256u * 1024)
 /** Most body bytes inspected to find the first non-space byte when the format must be sniffed. */
 #define JI_MAX_SNIFF_BYTES (64u * 1024)

@@ -1,7 +1,7 @@
 /*
  * array_mode.c — the JSON-array mode as an ordinary h2o handler: admits the
  * request (an upload place and its share of the array memory budget),
- * checks the Content-Digest over the body as received, inflates a gzip body, pre-scans the text (nesting, values: what the tree
+ * checks the Content-Digest over the body as received, decodes a gzip or zstd body, pre-scans the text (nesting, values: what the tree
  * will cost) and refuses what is too deep or too big, copies the buffered
  * body, checks it whole (strict UTF-8, the `\u` escapes yajl would mangle),
  * lets yajl_tree_parse build the tree, then walks the elements into an ingest
@@ -17,9 +17,9 @@
 #include <yajl/yajl_tree.h>
 
 #include "array_scan.h"
+#include "content_decoder.h"
 #include "content_digest.h"
 #include "escape_scan.h"
-#include "gunzip.h"
 #include "handler_reply.h"
 #include "json_text.h"
 #include "utf8.h"
@@ -236,30 +236,31 @@ static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, 
 
 static const ji_ingest_callbacks_t array_callbacks = {on_resume, on_done};
 
-/** First size of the buffer a gzip body is inflated into; it doubles up to the cap. */
+/** First size of the buffer a gzip or zstd body is decoded into; it doubles up to the cap. */
 #define INFLATE_FIRST_BYTES (1u << 20)
 
 /**
- * Inflates a gzip entity whole (this mode holds everything anyway) into a NUL-terminated text of at most `max`
- * bytes; `flag` names the limit in the error. `*text_alloc` receives the size of the block that holds it.
+ * Decodes a gzip or zstd entity whole (this mode holds everything anyway) into a NUL-terminated text of at most
+ * `max` bytes; `flag` names the limit in the error. `*text_alloc` receives the size of the block that holds it.
+ * The decoder (a zstd window: at most 2^JI_MAX_ZSTD_WINDOW_LOG bytes) lives only while it runs.
  */
-static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **text, size_t *text_len,
-                          size_t *text_alloc, ji_error_t *err)
+static int inflate_entity(h2o_req_t *req, ji_content_encoding_t encoding, size_t max, const char *flag, char **text,
+                          size_t *text_len, size_t *text_alloc, ji_error_t *err)
 {
-    ji_gunzip_t *g;
+    ji_content_decoder_t *g;
     size_t room, cap, len = 0, off = 0, used, out;
     char *buf, *bigger;
 
     if (max > SIZE_MAX / 4)
         max = SIZE_MAX / 4; /* no size below can wrap around, whatever the flags say */
-    g = ji_gunzip_new(max);
+    g = ji_content_decoder_new(encoding, max);
     room = max + 1; /* one byte more than the cap: the inflater sees going over it */
     cap = room < INFLATE_FIRST_BYTES ? room : INFLATE_FIRST_BYTES;
     buf = malloc(cap + 1);
     if (g == NULL || buf == NULL)
         goto NoMemory;
-    while (!ji_gunzip_finished(g)) {
-        if (ji_gunzip_check_end(g, 0, off == req->entity.len, err) != 0)
+    while (!ji_content_decoder_finished(g)) {
+        if (ji_content_decoder_check_end(g, 0, off == req->entity.len, err) != 0)
             goto Error;
         if (len == cap) { /* never at `room`: the inflater fails first */
             size_t next = cap > room / 2 ? room : cap * 2;
@@ -268,18 +269,18 @@ static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **t
             buf = bigger;
             cap = next;
         }
-        if (ji_gunzip_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out, err) !=
-            0) {
-            if (err->kind == JI_ERR_TOO_LARGE)
+        if (ji_content_decoder_run(g, req->entity.base + off, req->entity.len - off, &used, buf + len, cap - len, &out,
+                                   err) != 0) {
+            if (err->kind == JI_ERR_TOO_LARGE && ji_content_decoder_total_out(g) > max)
                 ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL, "inflated body is larger than %s (%zu bytes)", flag, max);
             goto Error;
         }
         off += used;
         len += out;
     }
-    if (ji_gunzip_check_end(g, req->entity.len - off, true, err) != 0)
+    if (ji_content_decoder_check_end(g, req->entity.len - off, true, err) != 0)
         goto Error;
-    ji_gunzip_free(g);
+    ji_content_decoder_free(g);
     buf[len] = '\0';
     *text = buf;
     *text_len = len;
@@ -288,8 +289,7 @@ static int inflate_entity(h2o_req_t *req, size_t max, const char *flag, char **t
 NoMemory:
     ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
 Error:
-    if (g != NULL)
-        ji_gunzip_free(g);
+    ji_content_decoder_free(g);
     free(buf);
     return -1;
 }
@@ -425,11 +425,12 @@ int ji_array_mode_handle(ji_worker_t *w, h2o_req_t *req, const ji_ingest_params_
         !h2o_lcstris(req->headers.entries[ce].value.base, req->headers.entries[ce].value.len, H2O_STRLIT("identity"))) {
         h2o_iovec_t v = req->headers.entries[ce].value;
         bool by_bytes = cfg->max_array_bytes <= cfg->max_array_memory;
-        if (!h2o_lcstris(v.base, v.len, H2O_STRLIT("gzip")) && !h2o_lcstris(v.base, v.len, H2O_STRLIT("x-gzip"))) {
+        ji_content_encoding_t encoding;
+        if (ji_content_encoding_parse(v.base, v.len, &encoding) != 0) {
             ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "unsupported Content-Encoding");
             return fail(a, &err);
         }
-        if (inflate_entity(req, by_bytes ? cfg->max_array_bytes : cfg->max_array_memory,
+        if (inflate_entity(req, encoding, by_bytes ? cfg->max_array_bytes : cfg->max_array_memory,
                            by_bytes ? "--max-array-bytes" : "--max-array-memory", &a->text, &len, &alloc, &err) != 0)
             return fail(a, &err);
         if (prescan(a, a->text, len, held + alloc, &err) != 0)

@@ -51,7 +51,7 @@ void ji_config_usage(const char *argv0, void *out)
             JI_DEFAULT_MIN_BODY_RATE);
     fprintf(f, "  --min-body-rate-window S  the window of --min-body-rate in seconds (default %u)\n",
             JI_DEFAULT_MIN_BODY_RATE_WINDOW_S);
-    fprintf(f, "  --max-inflated-bytes N    most bytes a gzip body may inflate to (default %llu)\n",
+    fprintf(f, "  --max-inflated-bytes N    most bytes a gzip or zstd body may decode to (default %llu)\n",
             (unsigned long long)JI_DEFAULT_MAX_INFLATED_BYTES);
     fprintf(f, "  --max-array-memory N      most bytes one JSON-array request may hold, body and tree (default %u)\n",
             JI_DEFAULT_MAX_ARRAY_MEMORY);

@@ -27,6 +27,27 @@ static bool value_is(const struct phr_header *h, const char *value)
     return h->value_len == strlen(value) && strncasecmp(h->value, value, h->value_len) == 0;
 }
 
+int ji_content_encoding_parse(const char *value, size_t len, ji_content_encoding_t *encoding)
+{
+    static const struct {
+        const char *name;
+        ji_content_encoding_t encoding;
+    } known[] = {
+        {"identity", JI_ENCODING_IDENTITY},
+        {"gzip", JI_ENCODING_GZIP},
+        {"x-gzip", JI_ENCODING_GZIP},
+        {"zstd", JI_ENCODING_ZSTD},
+    };
+
+    for (size_t i = 0; i != sizeof(known) / sizeof(known[0]); i++) {
+        if (len == strlen(known[i].name) && strncasecmp(value, known[i].name, len) == 0) {
+            *encoding = known[i].encoding;
+            return 0;
+        }
+    }
+    return -1;
+}
+
 /** Calls `fn` for each comma-separated element of `s` (spaces and tabs around it trimmed); stops when it returns true. */
 static bool any_element(const char *s, size_t len, bool (*fn)(const char *e, size_t elen, const void *arg),
                         const void *arg)
@@ -151,10 +172,13 @@ int ji_request_head_parse(ji_request_head_t *h, const char *buf, size_t len, ji_
                 return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "more than one Transfer-Encoding header");
             h->chunked = true;
         } else if (ji_header_is(hdr, "content-encoding")) {
-            if (value_is(hdr, "gzip") || value_is(hdr, "x-gzip"))
-                h->encoding = JI_ENCODING_GZIP;
-            else if (!value_is(hdr, "identity"))
+            ji_content_encoding_t enc;
+            /* a second, different coding would mean both were applied: not supported */
+            if (ji_content_encoding_parse(hdr->value, hdr->value_len, &enc) != 0 ||
+                (enc != JI_ENCODING_IDENTITY && h->encoding != JI_ENCODING_IDENTITY && enc != h->encoding))
                 h->unknown_encoding = true;
+            else if (enc != JI_ENCODING_IDENTITY)
+                h->encoding = enc;
         } else if (ji_header_is(hdr, "expect")) {
             if (!value_is(hdr, "100-continue"))
                 return ji_error_set(err, JI_ERR_EXPECTATION, 0, NULL, "unknown expectation");

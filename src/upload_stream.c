@@ -3,10 +3,10 @@
  * the answer. Places are taken before a byte is read (the client's share, an
  * upload place); then the first body byte decides the format when nothing
  * else did. JSON Lines stream: framing is removed in place (body_decoder),
- * gzip is inflated in slices, and the bytes are fed to an ingest, with
- * reading paused whenever the ingest is full. A JSON array is read whole
- * (bounded by --max-array-bytes) and handed to the array mode through the
- * h2o bridge. A body slower than --min-body-rate is cut. With a
+ * gzip or zstd is decoded in slices (content_decoder), and the bytes are fed
+ * to an ingest, with reading paused whenever the ingest is full. A JSON
+ * array is read whole (bounded by --max-array-bytes) and handed to the array
+ * mode through the h2o bridge. A body slower than --min-body-rate is cut. With a
  * Content-Digest, the streamed body is hashed as it is taken from the wire
  * and checked before the ingest may commit.
  */
@@ -18,8 +18,8 @@
 #include "array_mode.h"
 #include "body_decoder.h"
 #include "conn.h"
+#include "content_decoder.h"
 #include "content_digest.h"
-#include "gunzip.h"
 #include "ingest.h"
 
 typedef enum {
@@ -48,9 +48,9 @@ struct st_ji_upload_t {
     h2o_timeout_entry_t flush_timer; /**< feeds a part-filled buffer after JI_FEED_FLUSH_MS */
     h2o_timeout_entry_t yield_timer; /**< goes on after a slice of work, once the loop served others */
 
-    /* Content-Encoding: gzip */
-    ji_gunzip_t *gunzip;
-    char *inflated; /**< JI_INFLATE_BUFFER_BYTES of inflated body */
+    /* Content-Encoding: gzip or zstd */
+    ji_content_decoder_t *decoder;
+    char *inflated; /**< JI_INFLATE_BUFFER_BYTES of decoded body */
     size_t inflated_off, inflated_len;
 
     /* the JSON-array mode */
@@ -103,7 +103,7 @@ void ji_upload_free(ji_upload_t *u)
         ji_budget_release(&w->server->memory_budget, u->memory);
     if (u->client_slot)
         ji_client_slots_release(&w->server->client_slots, u->conn->client);
-    ji_gunzip_free(u->gunzip);
+    ji_content_decoder_free(u->decoder);
     ji_content_digest_free(u->digest);
     free(u->inflated);
     free(u->head_copy);
@@ -336,10 +336,10 @@ static void consume_wire(ji_upload_t *u, size_t n)
 }
 
 /*
- * Content-Encoding: gzip — wire bytes are inflated into u->inflated, which is fed to the ingest. At most
+ * Content-Encoding: gzip or zstd — wire bytes are decoded into u->inflated, which is fed to the ingest. At most
  * JI_LOOP_SLICE_MS of work are done per turn of the event loop, whatever the body inflates to.
  */
-static void process_gzip(ji_upload_t *u, size_t avail)
+static void process_encoded(ji_upload_t *u, size_t avail)
 {
     uint64_t slice_end = now_ms() + JI_LOOP_SLICE_MS;
     ji_error_t err;
@@ -358,22 +358,23 @@ static void process_gzip(ji_upload_t *u, size_t avail)
                 memmove(u->inflated, u->inflated + u->inflated_off, u->inflated_len);
                 u->inflated_off = 0;
             }
-            if (ji_gunzip_run(u->gunzip, u->conn->sock->input->bytes, avail, &used, u->inflated + u->inflated_len,
-                              JI_INFLATE_BUFFER_BYTES - u->inflated_len, &out, &err) != 0) {
+            if (ji_content_decoder_run(u->decoder, u->conn->sock->input->bytes, avail, &used,
+                                       u->inflated + u->inflated_len, JI_INFLATE_BUFFER_BYTES - u->inflated_len, &out,
+                                       &err) != 0) {
                 fail(u, &err);
                 return;
             }
             consume_wire(u, used);
             avail -= used;
             u->inflated_len += out;
-            if (ji_gunzip_check_end(u->gunzip, avail, false, &err) != 0) {
+            if (ji_content_decoder_check_end(u->decoder, avail, false, &err) != 0) {
                 fail(u, &err);
                 return;
             }
         }
         wire_done = ji_body_decoder_done(&u->body);
         if (wire_done && u->inflated_len == 0) {
-            if (ji_gunzip_check_end(u->gunzip, 0, true, &err) != 0) {
+            if (ji_content_decoder_check_end(u->decoder, 0, true, &err) != 0) {
                 fail(u, &err);
                 return;
             }
@@ -398,8 +399,8 @@ static void process_stream(ji_upload_t *u, size_t avail)
 {
     size_t taken;
 
-    if (u->gunzip != NULL) {
-        process_gzip(u, avail);
+    if (u->decoder != NULL) {
+        process_encoded(u, avail);
         return;
     }
     if (wait_for_more(u, avail, u->body.complete))
@@ -494,14 +495,16 @@ static int start_stream(ji_upload_t *u, ji_error_t *err)
 {
     ji_worker_t *w = u->conn->worker;
 
+    /* a zstd decoder's window is not in JI_UPLOAD_FIXED_BYTES: it is reserved with the records */
     if (reserve_memory(u,
                        ji_config_upload_memory(config_of(u), false) - JI_UPLOAD_FIXED_BYTES +
-                           (ji_content_digest_wanted(&u->options.digest) ? JI_DIGEST_BUFFER_BYTES : 0),
+                           (ji_content_digest_wanted(&u->options.digest) ? JI_DIGEST_BUFFER_BYTES : 0) +
+                           ji_content_decoder_memory(u->options.encoding),
                        err) != 0)
         return -1;
     u->state = UPLOAD_STREAM;
-    if (u->options.encoding == JI_ENCODING_GZIP &&
-        ((u->gunzip = ji_gunzip_new(config_of(u)->max_inflated_bytes)) == NULL ||
+    if (u->options.encoding != JI_ENCODING_IDENTITY &&
+        ((u->decoder = ji_content_decoder_new(u->options.encoding, config_of(u)->max_inflated_bytes)) == NULL ||
          (u->inflated = malloc(JI_INFLATE_BUFFER_BYTES)) == NULL))
         return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
     if (ji_content_digest_wanted(&u->options.digest) && (u->digest = ji_content_digest_new(&u->options.digest)) == NULL)
@@ -530,8 +533,8 @@ static bool sniff(ji_upload_t *u, size_t avail)
     ji_error_t err;
     int r;
 
-    if (u->options.encoding == JI_ENCODING_GZIP)
-        r = 0; /* the first inflated byte is not at hand: gzip bodies without a format are JSON Lines */
+    if (u->options.encoding != JI_ENCODING_IDENTITY)
+        r = 0; /* the first decoded byte is not at hand: gzip or zstd bodies without a format are JSON Lines */
     else if ((r = ji_body_is_array(u->conn->sock->input->bytes, avail)) < 0)
         r = ji_body_decoder_done(&u->body) || avail >= JI_MAX_SNIFF_BYTES ? 0 : -1;
     if (r < 0)

@@ -185,6 +185,22 @@ static void test_upload_options(void)
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Encoding: br\r\n\r\n", &h, &err), 0);
     CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), -1);
     CHECK_EQ_INT(err.kind, JI_ERR_UNSUPPORTED);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Encoding: ZSTD\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), 0);
+    CHECK_EQ_INT(o.encoding, JI_ENCODING_ZSTD);
+    /* two different codings (both applied, in order) are not supported; identity next to one changes nothing */
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Encoding: zstd\r\n\r\n", &h, &err),
+                 0);
+    CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), -1);
+    CHECK_EQ_INT(err.kind, JI_ERR_UNSUPPORTED);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Encoding: zstd\r\nContent-Encoding: identity\r\n\r\n", &h,
+                       &err),
+                 0);
+    CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), 0);
+    CHECK_EQ_INT(o.encoding, JI_ENCODING_ZSTD);
+    CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nContent-Encoding: zstd, gzip\r\n\r\n", &h, &err), 0);
+    CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), -1);
+    CHECK_EQ_INT(err.kind, JI_ERR_UNSUPPORTED);
     CHECK_EQ_INT(parse("POST /users HTTP/1.1\r\nIdempotency-Key: \xff\r\n\r\n", &h, &err), 0);
     CHECK_EQ_INT(ji_upload_options_parse(&o, &h, &err), -1);
     CHECK_EQ_INT(err.kind, JI_ERR_MALFORMED);
