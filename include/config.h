@@ -35,6 +35,7 @@ typedef struct st_ji_config_t {
     uint64_t max_memory;        /**< what all requests together may hold (--max-memory) */
     size_t max_array_memory;    /**< most bytes one JSON-array request may hold (--max-array-memory) */
     size_t array_memory_budget; /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
+    const char *access_log;     /**< --access-log: a file, "off", or NULL for stderr */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

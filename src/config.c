@@ -67,6 +67,8 @@ void ji_config_usage(const char *argv0, void *out)
             JI_DEFAULT_IDEMPOTENCY_TTL_S);
     fprintf(f, "  --shutdown-grace S        after SIGTERM, seconds uploads may take before they get 503 (default %u)\n",
             JI_DEFAULT_SHUTDOWN_GRACE_S);
+    fprintf(f, "  --access-log FILE|-|off   one JSON line per request: appended to FILE (reopened on SIGHUP),\n"
+               "                            - stderr, off none (default: stderr)\n");
     fprintf(f, "  --help                    this text\n");
 }
 
@@ -191,6 +193,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_MEMORY,
         OPT_MAX_ARRAY_MEMORY,
         OPT_ARRAY_MEMORY_BUDGET,
+        OPT_ACCESS_LOG,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -216,6 +219,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-memory", required_argument, NULL, OPT_MAX_MEMORY},
         {"max-array-memory", required_argument, NULL, OPT_MAX_ARRAY_MEMORY},
         {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
+        {"access-log", required_argument, NULL, OPT_ACCESS_LOG},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -349,6 +353,13 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_SHUTDOWN_GRACE:
             if (parse_uint("--shutdown-grace", optarg, "seconds", 0, 86400, &cfg->shutdown_grace_s) != 0)
                 return -1;
+            break;
+        case OPT_ACCESS_LOG:
+            if (optarg[0] == '\0') {
+                fprintf(stderr, "--access-log: expected a file name, '-' (stderr) or off; got ''\n");
+                return -1;
+            }
+            cfg->access_log = optarg;
             break;
         case OPT_HELP:
         case 'h':
