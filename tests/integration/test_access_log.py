@@ -41,6 +41,21 @@ def wait_lines(path, n):
     return read_lines(path)
 
 
+class Logged:
+    """Requests one at a time, each waiting for its line: a line is written once the answer's last byte left
+    the server, which may be after the client read it and sent the next request to another thread."""
+
+    def __init__(self, srv, log):
+        self.srv, self.log = srv, log
+        self.n = len(wait_lines(log, 1))  # start_server's own /healthz probes
+
+    def __call__(self, *args, **kw):
+        st, resp = req(self.srv, *args, **kw)
+        self.n += 1
+        wait_lines(self.log, self.n)
+        return st, resp
+
+
 def check_common(line, method, path, route, status, started, ended):
     assert set(line) >= FIELDS, line
     assert ISO_MS.match(line["time"]), line
@@ -54,19 +69,20 @@ def check_common(line, method, path, route, status, started, ended):
 def test_one_line_per_request_on_every_route(start_server, db, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
-    n0 = len(wait_lines(log, 1))  # start_server's own /healthz probes
+    logged = Logged(srv, log)
+    n0 = logged.n
     body = helpers.good_body("al", n=3, image_bytes=200)
     started = time.time()
-    st, resp = req(srv, "POST", "/users?on_error=fail", body)
+    st, resp = logged("POST", "/users?on_error=fail", body)
     assert st == 200, resp
     answer = json.loads(resp)
-    st_bad, _ = req(srv, "POST", "/users", b'{"name": "x", "email": \n')
+    st_bad, _ = logged("POST", "/users", b'{"name": "x", "email": \n')
     assert st_bad == 400
-    st_user, _ = req(srv, "GET", f"/users/{answer['first_user_id']}")
+    st_user, _ = logged("GET", f"/users/{answer['first_user_id']}")
     assert st_user == 200
-    assert req(srv, "GET", "/no/such/route")[0] == 404
-    assert req(srv, "GET", "/healthz")[0] == 200
-    assert req(srv, "DELETE", "/users")[0] == 405
+    assert logged("GET", "/no/such/route")[0] == 404
+    assert logged("GET", "/healthz")[0] == 200
+    assert logged("DELETE", "/users")[0] == 405
     ended = time.time()
     lines = wait_lines(log, n0 + 6)[n0:]
     assert len(lines) == 6, lines
@@ -99,10 +115,11 @@ def test_one_line_per_request_on_every_route(start_server, db, tmp_path):
 def test_json_array_upload_is_logged_with_its_batch(start_server, db, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
-    n0 = len(wait_lines(log, 1))
+    logged = Logged(srv, log)
+    n0 = logged.n
     body = json.dumps([{"name": "arr a", "email": "arr-a@example.com"},
                        {"name": "arr b", "email": "arr-b@example.com"}]).encode()
-    st, resp = req(srv, "POST", "/users", body, content_type="application/json")
+    st, resp = logged("POST", "/users", body, content_type="application/json")
     assert st == 200, resp
     line = wait_lines(log, n0 + 1)[n0]
     assert (line["route"], line["status"], line["body_bytes"]) == ("/users", 200, len(body))
@@ -112,10 +129,11 @@ def test_json_array_upload_is_logged_with_its_batch(start_server, db, tmp_path):
 def test_path_is_escaped_and_cut(start_server, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
-    n0 = len(wait_lines(log, 1))
-    assert req(srv, "GET", '/a"b\\c\xe9')[0] == 404
-    assert req(srv, "GET", "/" + "x" * 1000)[0] == 404
-    assert req(srv, "GET", "/a\x7f")[0] == 400  # a head that cannot be parsed: no method, no path
+    logged = Logged(srv, log)
+    n0 = logged.n
+    assert logged("GET", '/a"b\\c\xe9')[0] == 404
+    assert logged("GET", "/" + "x" * 1000)[0] == 404
+    assert logged("GET", "/a\x7f")[0] == 400  # a head that cannot be parsed: no method, no path
     lines = wait_lines(log, n0 + 3)[n0:]
     assert lines[0]["path"] == '/a"b\\c\xe9'  # every byte outside printable ASCII as \u00XX
     with open(log, "rb") as f:
@@ -127,21 +145,23 @@ def test_path_is_escaped_and_cut(start_server, tmp_path):
 def test_forwarded_for_from_an_untrusted_peer_is_ignored(start_server, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
-    n0 = len(wait_lines(log, 1))
-    assert req(srv, "GET", "/healthz", extra=["X-Forwarded-For: 203.0.113.9"])[0] == 200
+    logged = Logged(srv, log)
+    n0 = logged.n
+    assert logged("GET", "/healthz", extra=["X-Forwarded-For: 203.0.113.9"])[0] == 200
     assert wait_lines(log, n0 + 1)[n0]["client"] == "127.0.0.1"
 
 
 def test_forwarded_for_from_a_trusted_proxy_names_the_rightmost_untrusted_hop(start_server, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log, "--trusted-proxies", "127.0.0.1/32,10.0.0.0/8"])
-    n0 = len(wait_lines(log, 1))
+    logged = Logged(srv, log)
+    n0 = logged.n
     # the client wrote 198.51.100.66 itself; the proxy appended the address it saw, then a trusted inner proxy
-    assert req(srv, "GET", "/healthz", extra=["X-Forwarded-For: 198.51.100.66, 203.0.113.9, 10.1.2.3"])[0] == 200
+    assert logged("GET", "/healthz", extra=["X-Forwarded-For: 198.51.100.66, 203.0.113.9, 10.1.2.3"])[0] == 200
     # a proxy that adds its own header after the client's (HAProxy's option forwardfor)
-    assert req(srv, "GET", "/healthz",
+    assert logged("GET", "/healthz",
                extra=["X-Forwarded-For: 198.51.100.66", "X-Forwarded-For: 203.0.113.10"])[0] == 200
-    assert req(srv, "GET", "/healthz")[0] == 200  # no header: the peer
+    assert logged("GET", "/healthz")[0] == 200  # no header: the peer
     lines = wait_lines(log, n0 + 3)[n0:]
     assert [line["client"] for line in lines] == ["203.0.113.9", "203.0.113.10", "127.0.0.1"]
 
@@ -149,8 +169,9 @@ def test_forwarded_for_from_a_trusted_proxy_names_the_rightmost_untrusted_hop(st
 def test_sighup_reopens_the_log_file(start_server, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
-    n0 = len(wait_lines(log, 1))
-    assert req(srv, "GET", "/healthz?before")[0] == 200
+    logged = Logged(srv, log)
+    n0 = logged.n
+    assert logged("GET", "/healthz?before")[0] == 200
     wait_lines(log, n0 + 1)
     os.rename(log, log + ".1")
     assert req(srv, "GET", "/readyz")[0] in (200, 503)  # still into the renamed file
@@ -212,13 +233,14 @@ def parse_histogram(text):
 def test_duration_histogram_is_cumulative_and_counts_every_request(start_server, db, tmp_path):
     log = str(tmp_path / "access.log")
     srv = start_server(args=["--access-log", log])
+    logged = Logged(srv, log)
     for _ in range(3):
-        assert req(srv, "GET", "/healthz")[0] == 200
+        assert logged("GET", "/healthz")[0] == 200
     for _ in range(2):
-        assert req(srv, "GET", "/missing")[0] == 404
-    assert req(srv, "POST", "/users", helpers.good_body("hist", n=2))[0] == 200
-    assert req(srv, "POST", "/users", b"not json\n")[0] == 400
-    n = len(read_lines(log))
+        assert logged("GET", "/missing")[0] == 404
+    assert logged("POST", "/users", helpers.good_body("hist", n=2))[0] == 200
+    assert logged("POST", "/users", b"not json\n")[0] == 400
+    n = logged.n
     st, body = req(srv, "GET", "/metrics")
     assert st == 200
     text = body.decode()
