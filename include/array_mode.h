@@ -30,6 +30,7 @@ typedef struct st_ji_array_admission_t {
 typedef struct st_ji_array_request_t {
     ji_ingest_params_t params;
     ji_array_admission_t admission;
+    ji_ingest_outcome_t outcome; /**< filled by the handler when the ingest answers (for the access log) */
 } ji_array_request_t;
 
 /**

@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include "common.h"
+#include "picohttp.h"
 
 /** Most CIDR blocks in --trusted-proxies. */
 #define JI_MAX_TRUSTED_PROXIES 32
@@ -30,11 +31,13 @@ typedef struct st_ji_trusted_proxies_t {
 int ji_trusted_proxies_parse(ji_trusted_proxies_t *tp, const char *list, ji_error_t *err) JI_MUST_CHECK;
 
 /**
- * The client's address in text form into `out`: `peer` itself unless it is trusted and `forwarded_for` (the
- * X-Forwarded-For value, NULL when absent) names hops; then the right-most hop that is not trusted (or the
- * left-most one when all are).
+ * The client's address in text form into `out`. `peer` itself, unless it is in `tp`: then X-Forwarded-For
+ * decides (`headers`: the request's headers, NULL when there are none; several X-Forwarded-For headers count as
+ * one list in their order): the right-most hop that is not a trusted proxy (or the left-most one when all are;
+ * a hop that is not a bare IP address ends the walk, the hop to its right stands). The header of a peer that is
+ * not trusted is ignored: anyone can write one.
  */
-void ji_client_address(const struct sockaddr *peer, const ji_trusted_proxies_t *tp, const char *forwarded_for,
-                       size_t forwarded_for_len, char out[JI_CLIENT_ADDR_LEN]);
+void ji_client_address(const struct sockaddr *peer, const ji_trusted_proxies_t *tp, const struct phr_header *headers,
+                       size_t num_headers, char out[JI_CLIENT_ADDR_LEN]);
 
 #endif

@@ -37,6 +37,7 @@ typedef struct st_ji_config_t {
     size_t array_memory_budget; /**< most bytes all JSON-array requests may hold together (--array-memory-budget) */
     unsigned max_connections;   /**< connections open at once (--max-connections); 0: from the open-files limit */
     unsigned keepalive_timeout_ms; /**< a kept-alive connection idle this long closes (--keepalive-timeout) */
+    const char *access_log;        /**< --access-log: a file, "off", or NULL for stderr */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

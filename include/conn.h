@@ -9,6 +9,7 @@
 #define JI_CONN_H
 
 #include <sys/time.h>
+#include "access_log.h"
 #include "h2o_bridge.h"
 #include "json_text.h"
 #include "request_rules.h"
@@ -38,6 +39,8 @@ typedef struct st_ji_conn_t {
     bool requests_served; /**< at least one request was answered (the connection is idle between requests) */
     ji_upload_t *upload;
     ji_bridge_t *bridge;
+    ji_access_entry_t entry; /**< the request for its access-log line and the duration histogram */
+    bool entry_open;         /**< a request began (its head came) and was not logged yet */
 
     /* an answer of ours */
     ji_text_t response;
@@ -92,5 +95,7 @@ void ji_upload_free(ji_upload_t *u);
 void ji_upload_idle(ji_upload_t *u);
 /** Shutdown grace period over: an upload still receiving its body gets 503. */
 void ji_upload_stop(ji_upload_t *u);
+/** The upload's part of its access-log line: body bytes received, and what it committed. */
+void ji_upload_outcome(const ji_upload_t *u, ji_access_entry_t *e);
 
 #endif

@@ -24,8 +24,8 @@ typedef enum {
     JI_BRIDGE_FAILED,     /**< the write failed or timed out: a write may still be pending, close at once */
 } ji_bridge_end_t;
 
-/** The request ended. The bridge is already freed when this runs. */
-typedef void (*ji_bridge_done_cb)(void *owner, ji_bridge_end_t end);
+/** The request ended with the answer's `status` (0: none began). The bridge is already freed when this runs. */
+typedef void (*ji_bridge_done_cb)(void *owner, ji_bridge_end_t end, int status);
 
 typedef struct st_ji_bridge_params_t {
     h2o_accept_ctx_t *accept_ctx;

@@ -117,6 +117,16 @@ void ji_ingest_end(ji_ingest_t *in);
  */
 void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
 
+/** What a request stored, for its access-log line: nothing unless it committed (a replay stored nothing). */
+typedef struct st_ji_ingest_outcome_t {
+    uint64_t inserted; /**< rows inserted into users */
+    uint64_t images;   /**< image files kept */
+    int64_t batch_id;  /**< the committed batch; 0: none */
+} ji_ingest_outcome_t;
+
+/** Fills `out` from an ingest that answered (before ji_ingest_free). */
+void ji_ingest_outcome(const ji_ingest_t *in, ji_ingest_outcome_t *out);
+
 /**
  * Frees the ingest. Before the answer this aborts: the transaction is rolled back (in the background, on a
  * connection that then goes back to the pool) and every image file of the request removed. Once COMMIT was

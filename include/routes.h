@@ -21,6 +21,7 @@ typedef enum {
     JI_ROUTE_HEALTHZ,    /**< /healthz */
     JI_ROUTE_READYZ,     /**< /readyz */
     JI_ROUTE_METRICS,    /**< /metrics */
+    JI_ROUTE_COUNT,      /**< not a route: how many there are (the metrics' "other" row: 404s, bad heads) */
 } ji_route_id_t;
 
 typedef struct st_ji_route_t {
@@ -36,5 +37,8 @@ typedef struct st_ji_route_t {
  */
 int ji_route_match(const char *method, size_t method_len, const char *path, size_t path_len, ji_route_t *route,
                    ji_error_t *err) JI_MUST_CHECK;
+
+/** The route's name for logs and metric labels ("/users/{id}"...); "other" for JI_ROUTE_COUNT. */
+const char *ji_route_name(ji_route_id_t id);
 
 #endif

@@ -9,6 +9,7 @@
 
 #include <h2o.h>
 #include <stdatomic.h>
+#include "access_log.h"
 #include "client_addr.h"
 #include "client_slots.h"
 #include "budget.h"
@@ -41,6 +42,8 @@ typedef struct st_ji_server_t {
     ji_trusted_proxies_t trusted_proxies; /**< --trusted-proxies */
     ji_budget_t memory_budget;            /**< what all uploads hold, all workers (--max-memory) */
     ji_budget_t array_budget;             /**< memory of JSON-array requests, all workers (--array-memory-budget) */
+    ji_access_log_t access_log;           /**< --access-log: every loop writes its requests' lines here */
+    _Atomic bool signals_done;            /**< the process is ending: the signal thread returns */
 } ji_server_t;
 
 /** Counters of one worker outside its ingests (relaxed atomics, read by /metrics from any thread). */
@@ -79,6 +82,7 @@ struct st_ji_worker_t {
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
     ji_worker_stats_t stats;
+    ji_request_durations_t request_durations; /**< answered requests by route and status class (/metrics) */
     _Atomic bool draining_busy; /**< stopping: requests still run on this worker (idle connections wait for all) */
 };
 

@@ -262,4 +262,23 @@
 /** Shortest bearer token accepted from --token-file (bytes): a short token can be guessed. */
 #define JI_MIN_TOKEN_BYTES 16
 
+/* ---- access log and request metrics ---- */
+/**
+ * Bytes of a request's path kept for its access-log line (the rest is cut, and the line says "path_truncated"):
+ * every route's path is far shorter; only junk is longer, and the line must stay one atomic write.
+ */
+#define JI_ACCESS_LOG_PATH_BYTES 256
+/**
+ * Longest access-log line, newline included: PIPE_BUF on Linux. One line is one write(2); on a pipe (stderr
+ * read by a supervisor) writes up to PIPE_BUF are atomic, so lines of several threads never interleave. A path
+ * of JI_ACCESS_LOG_PATH_BYTES escaped at worst (6 bytes each) plus the other fields stays well under it.
+ */
+#define JI_ACCESS_LOG_LINE_BYTES 4096
+/**
+ * Upper bounds (seconds) of the buckets of jsonl_ingest_request_duration_seconds, from a health probe (ms) to a
+ * multi-gigabyte upload (minutes); +Inf is implied. JI_REQUEST_DURATION_BUCKET_COUNT must match the list.
+ */
+#define JI_REQUEST_DURATION_BUCKETS 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
+#define JI_REQUEST_DURATION_BUCKET_COUNT 14
+
 #endif

@@ -20,6 +20,7 @@
 #include "content_decoder.h"
 #include "content_digest.h"
 #include "escape_scan.h"
+#include "h2o_bridge.h"
 #include "handler_reply.h"
 #include "json_text.h"
 #include "utf8.h"
@@ -226,7 +227,10 @@ static void on_done(ji_ingest_t *in, void *owner, int status, const char *body, 
 {
     array_req_t *a = owner;
     h2o_iovec_t copy = h2o_strdup(&a->req->pool, body, len);
+    ji_array_request_t *ar = ji_bridge_route_data(a->req);
 
+    if (ar != NULL)
+        ji_ingest_outcome(in, &ar->outcome);
     a->ingest = NULL;
     ji_ingest_free(in);
     give_back(a); /* the tree is the big part: give it back before answering */

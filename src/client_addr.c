@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /** Parses one address (no prefix) of either family. */
 static bool parse_addr(const char *s, int *family, unsigned char addr[16])
@@ -89,12 +90,50 @@ static bool trusted(const ji_trusted_proxies_t *tp, int family, const unsigned c
     return false;
 }
 
-void ji_client_address(const struct sockaddr *peer, const ji_trusted_proxies_t *tp, const char *forwarded_for,
-                       size_t forwarded_for_len, char out[JI_CLIENT_ADDR_LEN])
+/**
+ * Walks one X-Forwarded-For value from the right: each hop was appended by the proxy that received from it.
+ * Each readable hop goes to `out`; true when the walk ends here (a hop that is not trusted, or one that cannot be
+ * read: the last good one stands), false when every hop was a trusted proxy (the next header to the left goes on).
+ */
+static bool walk_hops(const char *value, size_t len, const ji_trusted_proxies_t *tp, char out[JI_CLIENT_ADDR_LEN])
+{
+    const char *end = value + len;
+
+    for (;;) {
+        const char *start = end;
+        char hop[JI_CLIENT_ADDR_LEN];
+        unsigned char hop_addr[16];
+        int hop_family;
+        size_t n;
+        while (start > value && start[-1] != ',')
+            start--;
+        while (start < end && (*start == ' ' || *start == '\t'))
+            start++;
+        n = (size_t)(end - start);
+        while (n > 0 && (start[n - 1] == ' ' || start[n - 1] == '\t'))
+            n--;
+        if (n == 0 || n >= sizeof(hop))
+            return true;
+        memcpy(hop, start, n);
+        hop[n] = '\0';
+        if (!parse_addr(hop, &hop_family, hop_addr))
+            return true;
+        snprintf(out, JI_CLIENT_ADDR_LEN, "%s", hop);
+        if (!trusted(tp, hop_family, hop_addr))
+            return true;
+        while (start > value && start[-1] != ',')
+            start--;
+        if (start == value)
+            return false;
+        end = start - 1; /* before the comma */
+    }
+}
+
+void ji_client_address(const struct sockaddr *peer, const ji_trusted_proxies_t *tp, const struct phr_header *headers,
+                       size_t num_headers, char out[JI_CLIENT_ADDR_LEN])
 {
     const unsigned char *addr = NULL;
     int family = peer != NULL ? peer->sa_family : AF_UNSPEC;
-    const char *end;
 
     snprintf(out, JI_CLIENT_ADDR_LEN, "unknown");
     if (family == AF_INET)
@@ -104,38 +143,16 @@ void ji_client_address(const struct sockaddr *peer, const ji_trusted_proxies_t *
     else
         return;
     inet_ntop(family, addr, out, JI_CLIENT_ADDR_LEN);
-    if (forwarded_for == NULL || tp->count == 0 || !trusted(tp, family, addr))
-        return;
-    /* from the right: each hop was appended by the proxy that received from it */
-    end = forwarded_for + forwarded_for_len;
-    while (end > forwarded_for) {
-        const char *start = end;
-        char hop[JI_CLIENT_ADDR_LEN];
-        unsigned char hop_addr[16];
-        int hop_family;
-        size_t n;
-        while (start > forwarded_for && start[-1] != ',')
-            start--;
-        while (start < end && (*start == ' ' || *start == '\t'))
-            start++;
-        n = (size_t)(end - start);
-        while (n > 0 && (start[n - 1] == ' ' || start[n - 1] == '\t'))
-            n--;
-        if (n == 0 || n >= sizeof(hop))
-            return; /* a hop we cannot read: the last good one stands */
-        memcpy(hop, start, n);
-        hop[n] = '\0';
-        if (!parse_addr(hop, &hop_family, hop_addr))
+    if (tp->count == 0 || !trusted(tp, family, addr))
+        return; /* X-Forwarded-For from anyone else is whatever the client wrote: ignored */
+    /* several X-Forwarded-For headers are one list in order (RFC 9110 5.3): a proxy may add its own header after
+     * the client's instead of appending to it (HAProxy's option forwardfor does), so the walk starts at the last */
+    for (size_t i = num_headers; i-- > 0;) {
+        const struct phr_header *h = &headers[i];
+        if (h->name_len != sizeof("x-forwarded-for") - 1 ||
+            strncasecmp(h->name, "x-forwarded-for", sizeof("x-forwarded-for") - 1) != 0)
+            continue;
+        if (walk_hops(h->value, h->value_len, tp, out))
             return;
-        snprintf(out, JI_CLIENT_ADDR_LEN, "%s", hop);
-        if (!trusted(tp, hop_family, hop_addr))
-            return;
-        end = start;
-        while (end > forwarded_for && end[-1] != ',')
-            end--;
-        if (end > forwarded_for)
-            end--; /* the comma */
-        else
-            break;
     }
 }

@@ -73,6 +73,8 @@ void ji_config_usage(const char *argv0, void *out)
             "  --keepalive-timeout S     close a kept-alive connection idle this many seconds between requests "
             "(default %u)\n",
             JI_DEFAULT_KEEPALIVE_TIMEOUT_S);
+    fprintf(f, "  --access-log FILE|-|off   one JSON line per request: appended to FILE (reopened on SIGHUP),\n"
+               "                            - stderr, off none (default: stderr)\n");
     fprintf(f, "  --help                    this text\n");
 }
 
@@ -199,6 +201,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_ARRAY_MEMORY_BUDGET,
         OPT_MAX_CONNECTIONS,
         OPT_KEEPALIVE_TIMEOUT,
+        OPT_ACCESS_LOG,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -226,6 +229,7 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"array-memory-budget", required_argument, NULL, OPT_ARRAY_MEMORY_BUDGET},
         {"max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS},
         {"keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT},
+        {"access-log", required_argument, NULL, OPT_ACCESS_LOG},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -374,6 +378,13 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
             cfg->keepalive_timeout_ms = seconds * 1000;
             break;
         }
+        case OPT_ACCESS_LOG:
+            if (optarg[0] == '\0') {
+                fprintf(stderr, "--access-log: expected a file name, '-' (stderr) or off; got ''\n");
+                return -1;
+            }
+            cfg->access_log = optarg;
+            break;
         case OPT_HELP:
         case 'h':
             cfg->command = JI_CMD_HELP;

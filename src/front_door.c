@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "conn.h"
 #include "routes.h"
@@ -110,10 +111,57 @@ void ji_front_door_shed(ji_worker_t *w)
         close_claimed(w);
 }
 
+/* ------------------------------------------------------------------ the access log */
+
+/*
+ * Every request whose head came ends in end_request exactly once: after its answer's last byte was written
+ * (after_answer), or when its connection closes first (ji_conn_close: the client left, a write failed, shutdown).
+ */
+
+/** A request begins: its head (NULL: one that could not be parsed) is complete. */
+static void begin_request(ji_conn_t *c, const ji_request_head_t *head)
+{
+    ji_access_entry_t *e = &c->entry;
+
+    memset(e, 0, sizeof(*e));
+    clock_gettime(CLOCK_REALTIME, &e->wall);
+    clock_gettime(CLOCK_MONOTONIC, &e->start);
+    e->route_index = JI_ROUTE_COUNT;
+    e->route = ji_route_name(JI_ROUTE_COUNT);
+    if (head != NULL) {
+        size_t n = head->method_len < sizeof(e->method) - 1 ? head->method_len : sizeof(e->method) - 1;
+        memcpy(e->method, head->method, n);
+        e->method[n] = '\0';
+        e->path_truncated = head->path_len > sizeof(e->path);
+        e->path_len = e->path_truncated ? sizeof(e->path) : head->path_len;
+        memcpy(e->path, head->path, e->path_len);
+        e->has_head = true;
+    }
+    c->entry_open = true;
+}
+
+/** The request ended: its line in the access log, its duration in the histogram (when it was answered). */
+static void end_request(ji_conn_t *c)
+{
+    ji_worker_t *w = c->worker;
+    struct timespec end;
+
+    if (!c->entry_open)
+        return;
+    c->entry_open = false;
+    if (c->upload != NULL)
+        ji_upload_outcome(c->upload, &c->entry);
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    ji_request_durations_observe(&w->request_durations, c->entry.route_index, c->entry.status,
+                                 ji_access_entry_seconds(&c->entry.start, &end));
+    ji_access_log_write(&w->server->access_log, &c->entry, c->client, &end);
+}
+
 /* ------------------------------------------------------------------ lifetime */
 
 void ji_conn_close(ji_conn_t *c)
 {
+    end_request(c);
     ji_conn_pause_reading(c);
     idle_leave(c);
     if (h2o_linklist_is_linked(&c->link))
@@ -178,6 +226,7 @@ static void on_linger_read(h2o_socket_t *sock, const char *err)
 /** The answer is out: the next request, or stop sending, drain what still comes for a moment, then close. */
 static void after_answer(ji_conn_t *c, bool reusable)
 {
+    end_request(c);
     c->requests_served = true;
     if (c->upload != NULL) { /* its places and memory go with its answer */
         ji_upload_free(c->upload);
@@ -246,6 +295,7 @@ void ji_conn_respond(ji_conn_t *c, int status, const char *body, size_t len, uns
     bool stopping = atomic_load_explicit(&c->worker->server->stopping, memory_order_relaxed);
 
     ji_text_free(t);
+    c->entry.status = status;
     c->close_after = !c->keep_alive || c->body_unread || stopping;
     ji_text_printf(t, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n", status,
                    ji_http_reason(status), len);
@@ -308,11 +358,12 @@ static void refuse(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t
 
 /* ------------------------------------------------------------------ h2o routes */
 
-static void on_bridge_done(void *owner, ji_bridge_end_t end)
+static void on_bridge_done(void *owner, ji_bridge_end_t end, int status)
 {
     ji_conn_t *c = owner;
 
     c->bridge = NULL;
+    c->entry.status = status;
     c->sock->data = c;
     if (end == JI_BRIDGE_FAILED) {
         ji_conn_close(c); /* a write may be pending: closing drops it */
@@ -360,15 +411,20 @@ static void process_head(ji_conn_t *c)
     if (r == 1)
         return;
     if (r != 0) {
+        begin_request(c, NULL);
         refuse(c, NULL, &err, NULL);
         return;
     }
+    begin_request(c, &head);
     c->keep_alive = head.keep_alive;
     /* behind a trusted proxy the client may differ from request to request */
-    ji_client_address((struct sockaddr *)&c->peer, &server->trusted_proxies,
-                      head.forwarded_for != NULL ? head.forwarded_for->value : NULL,
-                      head.forwarded_for != NULL ? head.forwarded_for->value_len : 0, c->client);
-    if (ji_route_match(head.method, head.method_len, head.path, head.path_len, &route, &err) != 0) {
+    ji_client_address((struct sockaddr *)&c->peer, &server->trusted_proxies, head.headers, head.num_headers, c->client);
+    r = ji_route_match(head.method, head.method_len, head.path, head.path_len, &route, &err);
+    if (r == 0 || err.kind == JI_ERR_METHOD) {
+        c->entry.route_index = (int)route.id;
+        c->entry.route = ji_route_name(route.id);
+    }
+    if (r != 0) {
         refuse(c, &head, &err, err.kind == JI_ERR_METHOD ? route.allow : NULL);
         return;
     }

@@ -74,9 +74,10 @@ static void finish(ji_bridge_t *b, ji_bridge_end_t end)
 {
     ji_bridge_done_cb done = b->params.done;
     void *owner = b->params.owner;
+    int status = b->sent_headers ? b->req.res.status : 0;
 
     bridge_free(b);
-    done(owner, end);
+    done(owner, end, status);
 }
 
 void ji_bridge_abort(ji_bridge_t *b)

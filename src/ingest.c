@@ -607,3 +607,12 @@ void ji_ingest_free(ji_ingest_t *in)
     ji_text_free(&in->answer);
     free(in);
 }
+
+void ji_ingest_outcome(const ji_ingest_t *in, ji_ingest_outcome_t *out)
+{
+    bool committed = in->status == 200 && !in->replayed;
+
+    out->inserted = committed ? in->inserted : 0;
+    out->images = committed ? in->images_stored : 0;
+    out->batch_id = committed ? in->batch_id : 0;
+}

@@ -18,7 +18,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "access_log.h"
 #include "handler_reply.h"
+#include "routes.h"
 #include "server.h"
 
 #define LOAD(field) atomic_load_explicit(&(field), memory_order_relaxed)
@@ -36,6 +38,10 @@ typedef struct st_totals_t {
     uint64_t pg_idle, pg_busy;
     /* the process */
     uint64_t rss, hwm;
+    /* answered requests (ji_request_durations_t), per bucket as counted: cumulative when written */
+    uint64_t dur_buckets[JI_ROUTE_COUNT + 1][JI_STATUS_CLASS_COUNT][JI_REQUEST_DURATION_BUCKET_COUNT + 1];
+    uint64_t dur_sum_us[JI_ROUTE_COUNT + 1][JI_STATUS_CLASS_COUNT];
+    uint64_t dur_count[JI_ROUTE_COUNT + 1][JI_STATUS_CLASS_COUNT];
 } totals_t;
 
 /* ------------------------------------------------------------------ gather */
@@ -65,6 +71,17 @@ static void gather_admission(totals_t *t, ji_worker_stats_t *s)
     t->accept_paused += LOAD(s->accept_paused);
     t->limit_connections += LOAD(s->limit_connections);
     t->connections_shed += LOAD(s->connections_shed);
+}
+
+static void gather_durations(totals_t *t, ji_request_durations_t *d)
+{
+    for (unsigned r = 0; r <= JI_ROUTE_COUNT; r++)
+        for (unsigned k = 0; k < JI_STATUS_CLASS_COUNT; k++) {
+            for (unsigned b = 0; b <= JI_REQUEST_DURATION_BUCKET_COUNT; b++)
+                t->dur_buckets[r][k][b] += LOAD(d->buckets[r][k][b]);
+            t->dur_sum_us[r][k] += LOAD(d->sum_us[r][k]);
+            t->dur_count[r][k] += LOAD(d->count[r][k]);
+        }
 }
 
 static void gather_pool(totals_t *t, const ji_pg_pool_t *pool)
@@ -108,6 +125,7 @@ static void gather(totals_t *t, ji_server_t *server)
         ji_worker_t *w = &server->workers[i];
         gather_ingest(t, &w->ingest_stats);
         gather_admission(t, &w->stats);
+        gather_durations(t, &w->request_durations);
         gather_pool(t, w->pg_pool);
     }
     gather_memory(t);
@@ -131,6 +149,45 @@ static void single(ji_text_t *out, const char *name, const char *type, const cha
 {
     family(out, name, type, help);
     sample(out, name, "", value);
+}
+
+/*
+ * The duration histogram: one series per route and status class that saw a request (none before the first),
+ * buckets cumulative with le="+Inf" equal to _count. The count is summed from the buckets, not read apart from
+ * them, so it always equals the +Inf bucket even while other threads count.
+ */
+static void write_durations(ji_text_t *out, const totals_t *t)
+{
+    static const char *const classes[JI_STATUS_CLASS_COUNT] = {"2xx", "3xx", "4xx", "5xx"};
+
+    family(out, "request_duration_seconds", "histogram",
+           "Requests from their head to their answer's last byte written, by route and status class.");
+    for (unsigned r = 0; r <= JI_ROUTE_COUNT; r++)
+        for (unsigned k = 0; k < JI_STATUS_CLASS_COUNT; k++) {
+            const char *route = ji_route_name((ji_route_id_t)r);
+            uint64_t cum = 0;
+            if (t->dur_count[r][k] == 0)
+                continue;
+            for (unsigned b = 0; b <= JI_REQUEST_DURATION_BUCKET_COUNT; b++) {
+                cum += t->dur_buckets[r][k][b];
+                if (b < JI_REQUEST_DURATION_BUCKET_COUNT)
+                    ji_text_printf(out,
+                                   "jsonl_ingest_request_duration_seconds_bucket{route=\"%s\",status_class=\"%s\","
+                                   "le=\"%g\"} %" PRIu64 "\n",
+                                   route, classes[k], ji_request_duration_bounds[b], cum);
+                else
+                    ji_text_printf(out,
+                                   "jsonl_ingest_request_duration_seconds_bucket{route=\"%s\",status_class=\"%s\","
+                                   "le=\"+Inf\"} %" PRIu64 "\n",
+                                   route, classes[k], cum);
+            }
+            ji_text_printf(out, "jsonl_ingest_request_duration_seconds_sum{route=\"%s\",status_class=\"%s\"} %.6f\n",
+                           route, classes[k], (double)t->dur_sum_us[r][k] / 1e6);
+            ji_text_printf(out,
+                           "jsonl_ingest_request_duration_seconds_count{route=\"%s\",status_class=\"%s\"} %" PRIu64
+                           "\n",
+                           route, classes[k], cum);
+        }
 }
 
 static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server)
@@ -185,6 +242,7 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     single(out, "workers", "gauge", "Worker threads (--threads).", server->nworkers);
     single(out, "resident_memory_bytes", "gauge", "Resident set size (VmRSS).", t->rss);
     single(out, "resident_memory_peak_bytes", "gauge", "Peak resident set size (VmHWM).", t->hwm);
+    write_durations(out, t);
 }
 
 /* ------------------------------------------------------------------ GET /metrics */

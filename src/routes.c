@@ -80,3 +80,14 @@ int ji_route_match(const char *method, size_t method_len, const char *path, size
     return ji_error_set(err, JI_ERR_METHOD, 0, NULL, "method %.*s is not allowed here (allowed: %s)",
                         (int)(method_len < 16 ? method_len : 16), method, route->allow);
 }
+
+const char *ji_route_name(ji_route_id_t id)
+{
+    static const char *const names[JI_ROUTE_COUNT + 1] = {
+        [JI_ROUTE_USERS] = "/users",     [JI_ROUTE_USERS_CSV] = "/users.csv",
+        [JI_ROUTE_USER] = "/users/{id}", [JI_ROUTE_USER_IMAGE] = "/users/{id}/image",
+        [JI_ROUTE_HEALTHZ] = "/healthz", [JI_ROUTE_READYZ] = "/readyz",
+        [JI_ROUTE_METRICS] = "/metrics", [JI_ROUTE_COUNT] = "other",
+    };
+    return (unsigned)id <= JI_ROUTE_COUNT && names[id] != NULL ? names[id] : "other";
+}

@@ -353,19 +353,36 @@ static void *worker_run(void *arg)
     return NULL;
 }
 
+/** The signals the signal thread waits for; every other thread blocks them. */
+static void handled_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+}
+
+/*
+ * SIGTERM, SIGINT: stop (see worker_run). SIGHUP: reopen the access log (rotation), here, while the loops write:
+ * access_log.h says why that is safe. Runs until ji_server_run ends it (signals_done, then a SIGTERM to it).
+ */
 static void *signal_run(void *arg)
 {
     ji_server_t *server = arg;
     sigset_t set;
+    ji_error_t err;
     int sig;
 
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    if (sigwait(&set, &sig) == 0) {
-        fprintf(stderr, "got %s: no new connections, finishing requests in flight\n",
-                sig == SIGTERM ? "SIGTERM" : "SIGINT");
-        atomic_store(&server->stopping, true);
+    handled_signals(&set);
+    while (sigwait(&set, &sig) == 0 && !atomic_load(&server->signals_done)) {
+        if (sig == SIGHUP) {
+            if (ji_access_log_reopen(&server->access_log, &err) != 0)
+                fprintf(stderr, "SIGHUP: %s (lines go on to the old file)\n", err.message);
+            continue;
+        }
+        if (!atomic_exchange(&server->stopping, true))
+            fprintf(stderr, "got %s: no new connections, finishing requests in flight\n",
+                    sig == SIGTERM ? "SIGTERM" : "SIGINT");
     }
     return NULL;
 }
@@ -476,7 +493,7 @@ int ji_server_run(const ji_config_t *config)
     ji_server_t server = {.config = config};
     ji_worker_t *workers = NULL;
     pthread_t *threads = NULL, signal_thread, retry_thread;
-    bool retrying = false;
+    bool retrying = false, signals = false;
     unsigned i, started = 0, initialized = 0;
     sigset_t stop_signals;
     ji_error_t err;
@@ -510,18 +527,23 @@ int ji_server_run(const ji_config_t *config)
         free(server.token);
         return 1;
     }
+    if (ji_access_log_open(&server.access_log, config->access_log, &err) != 0) {
+        fprintf(stderr, "%s\n", err.message);
+        ji_image_store_close(&server.images);
+        ji_client_slots_dispose(&server.client_slots);
+        free(server.token);
+        return 1;
+    }
     configure_h2o(&server);
     ji_budget_init(&server.array_budget, config->array_memory_budget);
     ji_budget_init(&server.memory_budget, config->max_memory);
 
-    /* every thread blocks the stop signals; one thread waits for them */
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
+    /* every thread blocks the stop and reopen signals; one thread waits for them */
+    handled_signals(&stop_signals);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
     if (pthread_create(&signal_thread, NULL, signal_run, &server) != 0)
         goto Exit;
-    pthread_detach(signal_thread);
+    signals = true;
 
     if (prepare_storage(&server, false) == 0) {
         atomic_store(&server.db_ready, true);
@@ -571,6 +593,12 @@ Exit:
         worker_dispose(&workers[i]);
     if (listen_fd != -1)
         close(listen_fd);
+    if (signals) { /* it may be reopening the log: end it before the log closes */
+        atomic_store(&server.signals_done, true);
+        pthread_kill(signal_thread, SIGTERM);
+        pthread_join(signal_thread, NULL);
+    }
+    ji_access_log_close(&server.access_log);
     free(threads);
     free(workers);
     h2o_config_dispose(&server.h2o_config);

@@ -42,6 +42,8 @@ struct st_ji_upload_t {
     uint64_t memory;  /**< bytes of --max-memory held */
     ji_ingest_t *ingest;
     ji_content_digest_t *digest; /**< Content-Digest of a stream: the wire bytes hashed (NULL: no check) */
+    ji_ingest_outcome_t outcome; /**< what a streamed upload committed (the JSON-array mode: array_request) */
+    uint64_t body_received;      /**< body bytes that arrived, taken or not (framing included), for the access log */
 
     /* feeding */
     bool flush_due;
@@ -278,6 +280,7 @@ static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char 
         fprintf(stderr, "%s: POST /users %d %.*s", u->conn->client, status, (int)len, body);
     /* `body` belongs to the ingest: copy it, free the ingest, then answer (which may close the connection) */
     ji_text_append(&copy, body, len);
+    ji_ingest_outcome(in, &u->outcome);
     ji_ingest_free(in);
     u->ingest = NULL;
     if (copy.failed) {
@@ -560,6 +563,8 @@ static void process_body(ji_upload_t *u)
         return;
     }
     input->size = buf_len;
+    if (u->body.wire_bytes + (u->body.chunked ? 0 : avail) > u->body_received)
+        u->body_received = u->body.wire_bytes + (u->body.chunked ? 0 : avail);
     switch (u->state) {
     case UPLOAD_SNIFF:
         if (!sniff(u, avail) || u->state != UPLOAD_ARRAY)
@@ -590,6 +595,19 @@ static void on_read_body(h2o_socket_t *sock, const char *err)
     ji_conn_touch(c);
     u->rate_bytes += sock->bytes_read;
     process_body(u);
+}
+
+/* ------------------------------------------------------------------ the access log */
+
+void ji_upload_outcome(const ji_upload_t *u, ji_access_entry_t *e)
+{
+    const ji_ingest_outcome_t *o = u->array_body != NULL ? &u->array_request.outcome : &u->outcome;
+
+    e->upload = true;
+    e->body_bytes = u->body.wire_bytes > u->body_received ? u->body.wire_bytes : u->body_received;
+    e->rows = o->inserted;
+    e->images = o->images;
+    e->batch_id = o->batch_id;
 }
 
 /* ------------------------------------------------------------------ start */

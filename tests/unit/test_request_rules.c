@@ -216,29 +216,53 @@ static void v4(struct sockaddr_in *sa, const char *addr)
     inet_pton(AF_INET, addr, &sa->sin_addr);
 }
 
+/** ji_client_address with X-Forwarded-For headers `xff` (NULL-terminated list of values, in order). */
+static void client_of(const char *peer_addr, const ji_trusted_proxies_t *tp, const char *const *xff, char *out)
+{
+    struct phr_header h[4];
+    struct sockaddr_in peer;
+    size_t n = 0;
+
+    h[n++] = (struct phr_header){"Host", 4, "x", 1};
+    for (; xff != NULL && *xff != NULL; xff++) {
+        const char *name = n % 2 ? "X-Forwarded-For" : "x-forwarded-for"; /* names are case-insensitive */
+        h[n] = (struct phr_header){name, 15, *xff, strlen(*xff)};
+        n++;
+    }
+    v4(&peer, peer_addr);
+    ji_client_address((struct sockaddr *)&peer, tp, h, n, out);
+}
+
 static void test_client_address(void)
 {
     ji_trusted_proxies_t tp;
-    struct sockaddr_in peer;
     char out[JI_CLIENT_ADDR_LEN];
     ji_error_t err;
-    const char *xff = "203.0.113.9, 10.1.2.3";
 
     CHECK_EQ_INT(ji_trusted_proxies_parse(&tp, "10.0.0.0/8, 127.0.0.1,::1", &err), 0);
     CHECK_EQ_INT(tp.count, 3);
-    v4(&peer, "127.0.0.1");
-    ji_client_address((struct sockaddr *)&peer, &tp, xff, strlen(xff), out);
+    client_of("127.0.0.1", &tp, (const char *[]){"203.0.113.9, 10.1.2.3", NULL}, out);
     CHECK_EQ_STR(out, "203.0.113.9"); /* 10.1.2.3 is a trusted hop */
-    v4(&peer, "192.0.2.1");
-    ji_client_address((struct sockaddr *)&peer, &tp, xff, strlen(xff), out);
+    client_of("127.0.0.1", &tp, (const char *[]){"198.51.100.1, 203.0.113.9", NULL}, out);
+    CHECK_EQ_STR(out, "203.0.113.9"); /* the right-most untrusted hop, not what the client wrote on the left */
+    client_of("192.0.2.1", &tp, (const char *[]){"203.0.113.9, 10.1.2.3", NULL}, out);
     CHECK_EQ_STR(out, "192.0.2.1"); /* an untrusted peer's X-Forwarded-For is ignored */
-    v4(&peer, "127.0.0.1");
-    ji_client_address((struct sockaddr *)&peer, &tp, "10.0.0.1,10.0.0.2", 17, out);
+    client_of("127.0.0.1", &tp, (const char *[]){"10.0.0.1,10.0.0.2", NULL}, out);
     CHECK_EQ_STR(out, "10.0.0.1"); /* all trusted: the left-most */
-    ji_client_address((struct sockaddr *)&peer, &tp, "junk, 198.51.100.7", 18, out);
+    client_of("127.0.0.1", &tp, (const char *[]){"junk, 198.51.100.7", NULL}, out);
     CHECK_EQ_STR(out, "198.51.100.7");
-    ji_client_address((struct sockaddr *)&peer, &tp, NULL, 0, out);
+    client_of("127.0.0.1", &tp, (const char *[]){"198.51.100.7, junk", NULL}, out);
+    CHECK_EQ_STR(out, "127.0.0.1"); /* the nearest hop unreadable: the peer stands */
+    client_of("127.0.0.1", &tp, NULL, out);
     CHECK_EQ_STR(out, "127.0.0.1");
+    /* a proxy that adds its own header after the client's: the last header holds the nearest hops */
+    client_of("127.0.0.1", &tp, (const char *[]){"6.6.6.6", "203.0.113.9", NULL}, out);
+    CHECK_EQ_STR(out, "203.0.113.9");
+    /* two proxies: the nearest header names only the trusted first proxy, the walk goes on to the left */
+    client_of("127.0.0.1", &tp, (const char *[]){"6.6.6.6", "203.0.113.9", "10.9.9.9", NULL}, out);
+    CHECK_EQ_STR(out, "203.0.113.9");
+    client_of("192.0.2.1", &tp, (const char *[]){"6.6.6.6", "203.0.113.9", NULL}, out);
+    CHECK_EQ_STR(out, "192.0.2.1");
     CHECK_EQ_INT(ji_trusted_proxies_parse(&tp, "10.0.0.0/33", &err), -1);
     CHECK_EQ_INT(ji_trusted_proxies_parse(&tp, "example.com", &err), -1);
     CHECK_EQ_INT(ji_trusted_proxies_parse(&tp, "10.0.0.0/", &err), -1);
