@@ -80,14 +80,18 @@ def metrics(srv, tmp_path):
             helped.add(line.split()[2])
         elif line.startswith("# TYPE "):
             parts = line.split()
-            assert parts[3] in ("counter", "gauge"), line
+            assert parts[3] in ("counter", "gauge", "histogram"), line
             typed.add(parts[2])
+            if parts[3] == "histogram":  # its samples: _bucket{le=...}, _sum, _count
+                typed.update(parts[2] + x for x in ("_bucket", "_sum", "_count"))
+                helped.update(parts[2] + x for x in ("_bucket", "_sum", "_count"))
         elif line:
-            m = re.match(r"^([a-z_]+)(\{[^}]*\})? (\d+)$", line)
+            m = re.match(r"^([a-z_]+)(\{.*\})? (\d+(?:\.\d+)?(?:e[-+]?\d+)?)$", line)
             assert m, f"not a sample line: {line!r}"
             assert m.group(1).startswith("jsonl_ingest_"), line
             assert m.group(1) in helped and m.group(1) in typed, f"{m.group(1)} lacks # HELP or # TYPE"
-            values[m.group(1) + (m.group(2) or "")] = int(m.group(3))
+            v = m.group(3)
+            values[m.group(1) + (m.group(2) or "")] = int(v) if v.isdigit() else float(v)
     return values, text
 
 
