@@ -37,7 +37,10 @@ typedef void (*ji_pg_event_cb)(ji_pg_t *pg, void *ctx, const char *err);
 
 /* ---- pool: one per event loop (thread) ---- */
 
-/** A pool for `loop` connecting with `conninfo` (copied), keeping at most `max_idle` idle connections. */
+/**
+ * A pool for `loop` connecting with `conninfo` (copied), keeping at most `max_idle` idle connections: those beyond
+ * JI_PG_KEEP_IDLE are closed when unused for JI_PG_IDLE_CLOSE_MS.
+ */
 ji_pg_pool_t *ji_pg_pool_new(h2o_loop_t *loop, const char *conninfo, size_t max_idle);
 /**
  * Frees every idle connection; connections handed out must have been put back or freed before. Call it outside

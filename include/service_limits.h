@@ -175,7 +175,7 @@
  */
 #define JI_FD_RESERVE_FIXED 32
 /** Per event-loop thread: its epoll descriptor, its copy of the listening socket, h2o's wake-up pipe, and
- * JI_PG_MAX_IDLE idle database connections, rounded up. */
+ * JI_PG_KEEP_IDLE idle database connections, rounded up (idle ones beyond those stand for upload places). */
 #define JI_FD_RESERVE_PER_THREAD 8
 /** Per upload place (--max-ingests): its database connection and the image file it writes. */
 #define JI_FD_RESERVE_PER_INGEST 2
@@ -212,8 +212,15 @@
 #define JI_UPLOAD_RECORD_FACTOR 2
 
 /* ---- database ---- */
-/** Idle database connections kept per worker. */
-#define JI_PG_MAX_IDLE 4
+/**
+ * Idle database connections a worker keeps however long they stay unused. A worker keeps more idle, up to its
+ * share of --max-ingests (rounded up), while they are in use again within JI_PG_IDLE_CLOSE_MS: with only these
+ * few kept, every upload past them opened and closed a server process of its own, and under 16 connections from
+ * clients (2 workers) that churn cost seconds-long stalls on a 2-core machine (docs/benchmarks.md, throughput).
+ */
+#define JI_PG_KEEP_IDLE 4
+/** An idle connection beyond JI_PG_KEEP_IDLE of its worker that stays unused this long is closed (ms). */
+#define JI_PG_IDLE_CLOSE_MS 5000
 /** A connection attempt that has not finished after this long fails (ms). */
 #define JI_PG_CONNECT_TIMEOUT_MS 10000
 /** Lower bound of the connect timeout when libpq's connect_timeout asks for less (ms). */

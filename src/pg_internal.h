@@ -33,6 +33,7 @@ struct st_ji_pg_pool_t {
     uint64_t connect_timeout_ms;
     h2o_linklist_t recycling;      /**< connections rolling back before they go idle (ji_pg_pool_put_rollback) */
     h2o_timeout_t recycle_timeout; /**< JI_PG_ROLLBACK_TIMEOUT_MS */
+    h2o_timeout_t idle_timeout;    /**< JI_PG_IDLE_CLOSE_MS: an idle connection beyond JI_PG_KEEP_IDLE is closed */
 };
 
 struct st_ji_pg_t {
@@ -63,6 +64,7 @@ struct st_ji_pg_t {
     h2o_timeout_entry_t defer_entry;
     h2o_timeout_entry_t connect_entry;
     h2o_timeout_entry_t recycle_entry;
+    h2o_timeout_entry_t idle_entry; /**< idle: in pool->idle_timeout since it went idle */
     h2o_linklist_t idle_link;
     char copy_abort[128]; /**< recycling: the CopyFail message for a COPY still in progress */
     char errbuf[512];

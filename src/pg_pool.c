@@ -7,6 +7,9 @@
  * connection itself (connecting, statements, COPY, failure) is pg.c's; what the
  * two share is in pg_internal.h.
  *
+ * Idle connections are used most recently used first, so under a steady load the same ones serve every request;
+ * after a burst, those beyond JI_PG_KEEP_IDLE that nobody took for JI_PG_IDLE_CLOSE_MS are closed.
+ *
  * The pool's timeouts live in the loop's timeout list: ji_pg_pool_free must run
  * outside h2o_evloop_run (h2o walks that list while running timeouts).
  */
@@ -19,6 +22,7 @@
 #include <string.h>
 
 static void on_recycle_timeout(h2o_timeout_entry_t *entry);
+static void on_idle_timeout(h2o_timeout_entry_t *entry);
 
 /* ---- pool ---- */
 
@@ -55,6 +59,7 @@ ji_pg_pool_t *ji_pg_pool_new(h2o_loop_t *loop, const char *conninfo, size_t max_
     h2o_linklist_init_anchor(&pool->recycling);
     h2o_timeout_init(loop, &pool->zero_timeout, 0);
     h2o_timeout_init(loop, &pool->recycle_timeout, JI_PG_ROLLBACK_TIMEOUT_MS);
+    h2o_timeout_init(loop, &pool->idle_timeout, JI_PG_IDLE_CLOSE_MS);
     pool->connect_timeout_ms = connect_timeout_ms(pool->conninfo);
     h2o_timeout_init(loop, &pool->connect_timeout, pool->connect_timeout_ms);
     return pool;
@@ -77,6 +82,7 @@ void ji_pg_pool_free(ji_pg_pool_t *pool)
     assert(pool->busy_count == 0);
     h2o_timeout_dispose(pool->loop, &pool->zero_timeout);
     h2o_timeout_dispose(pool->loop, &pool->recycle_timeout);
+    h2o_timeout_dispose(pool->loop, &pool->idle_timeout);
     h2o_timeout_dispose(pool->loop, &pool->connect_timeout);
     free(pool->conninfo);
     free(pool);
@@ -85,8 +91,18 @@ void ji_pg_pool_free(ji_pg_pool_t *pool)
 void ji_pg__unlink_idle(ji_pg_t *pg)
 {
     h2o_linklist_unlink(&pg->idle_link);
+    h2o_timeout_unlink(&pg->idle_entry);
     pg->idle = false;
     pg->pool->idle_count--;
+}
+
+/** An idle connection unused for JI_PG_IDLE_CLOSE_MS: closed while the worker keeps more than JI_PG_KEEP_IDLE. */
+static void on_idle_timeout(h2o_timeout_entry_t *entry)
+{
+    ji_pg_t *pg = JI_CONTAINER_OF(entry, ji_pg_t, idle_entry);
+
+    if (pg->idle && pg->pool->idle_count > JI_PG_KEEP_IDLE)
+        ji_pg_free(pg);
 }
 
 ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx)
@@ -113,6 +129,7 @@ ji_pg_t *ji_pg_pool_get(ji_pg_pool_t *pool, ji_pg_ready_cb cb, void *ctx)
     if ((pg = ji_pg__new(pool)) == NULL)
         return NULL;
     pg->recycle_entry.cb = on_recycle_timeout;
+    pg->idle_entry.cb = on_idle_timeout;
     pg->handed_out = true;
     pool->busy_count++;
     pg->ready_cb = cb;
@@ -147,6 +164,8 @@ void ji_pg_pool_put(ji_pg_pool_t *pool, ji_pg_t *pg)
         h2o_linklist_insert(pool->idle.next, &pg->idle_link);
         pg->idle = true;
         pool->idle_count++;
+        if (pool->idle_count > JI_PG_KEEP_IDLE)
+            h2o_timeout_link(pool->loop, &pool->idle_timeout, &pg->idle_entry);
         return;
     }
     ji_pg_free(pg);

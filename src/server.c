@@ -272,6 +272,8 @@ static void on_accept(h2o_socket_t *listener, const char *err)
 
 static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
 {
+    size_t max_idle;
+
     memset(w, 0, sizeof(*w));
     w->server = server;
     /* busy until this loop's own first drain pass says otherwise: a loop that drains first must not close its idle
@@ -293,7 +295,10 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     h2o_timeout_init(w->ctx.loop, &w->yield_timeout, JI_YIELD_MS);
     h2o_timeout_init(w->ctx.loop, &w->accept_pause_timeout, JI_ACCEPT_PAUSE_MS);
     w->accept_pause.cb = on_accept_pause_end;
-    if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db, JI_PG_MAX_IDLE)) == NULL) {
+    /* idle connections up to the worker's share of the upload places: no new server process per upload */
+    max_idle = (server->config->max_ingests + server->config->threads - 1) / server->config->threads;
+    if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db,
+                                     max_idle > JI_PG_KEEP_IDLE ? max_idle : JI_PG_KEEP_IDLE)) == NULL) {
         fprintf(stderr, "out of memory\n");
         return -1;
     }

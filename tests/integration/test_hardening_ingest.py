@@ -366,6 +366,6 @@ def test_failed_requests_reuse_backends(start_server, db, tmp_path):
     after = ingest_backends(db)
     # the backend of the first request served every failed one (a failure closed it before, 50 new backends)
     assert before <= after, f"the pooled backend {before} was closed by a failed request (now {after})"
-    assert len(after) <= 4, f"{len(after)} backends after 50 failed requests (JI_PG_MAX_IDLE is 4)"
+    assert len(after) <= 4, f"{len(after)} backends after 50 failed requests (JI_PG_KEEP_IDLE is 4)"
     assert db.count_users() == 1
     assert helpers.pending_files(srv.images_dir) == []

@@ -100,16 +100,37 @@ def test_uploads_past_max_memory_get_503(start_server, db):
     body = helpers.record_line("m", "m@example.com") + b"\n"
     held = helpers.HTTPConn(srv.host, srv.port)
     try:
-        held.send(helpers.post_head("/users", length=len(body)) + body[:5])
+        # chunked: no Content-Length bounds its records, so it reserves for --max-record-bytes
+        held.send(helpers.post_head("/users", chunked=True) + f"{len(body):x}\r\n".encode() + body[:5])
         time.sleep(0.3)
         st, headers, resp = helpers.raw_request(srv.host, srv.port, helpers.post_head(
             "/users", length=len(body), extra=["Connection: close"]) + body)
         assert st == 503 and headers.get("retry-after") and b"--max-memory" in resp, resp
-        held.send(body[5:])
+        held.send(body[5:] + b"\r\n0\r\n\r\n")
         assert held.read_response().status == 200
     finally:
         held.close()
     st, _, _ = helpers.raw_request(srv.host, srv.port, helpers.post_head(
         "/users", length=len(body), extra=["Connection: close"]) + body)
     assert st == 200
+    assert db.count_users() == 2
+
+
+def test_small_uploads_reserve_for_their_length(start_server, db):
+    # room for one upload of --max-record-bytes records, but a Content-Length bounds what a body's records hold:
+    # small uploads at once all fit (with a reservation for 1 MiB records each, the second would get 503)
+    srv = start_server(args=["--max-record-bytes", str(MIB), "--max-memory", str(3 * MIB), "--min-body-rate", "0",
+                             "--max-array-memory", str(MIB), "--array-memory-budget", str(MIB)])
+    body = helpers.record_line("s", "s@example.com") + b"\n"
+    held = [helpers.HTTPConn(srv.host, srv.port) for _ in range(2)]
+    try:
+        for c in held:
+            c.send(helpers.post_head("/users", length=len(body)) + body[:5])
+        time.sleep(0.3)
+        for c in held:
+            c.send(body[5:])
+            assert c.read_response().status == 200
+    finally:
+        for c in held:
+            c.close()
     assert db.count_users() == 2

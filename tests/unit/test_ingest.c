@@ -872,7 +872,7 @@ int main(void)
     }
     loop = h2o_evloop_create();
     h2o_timeout_init(loop, &zero_timeout, 0);
-    pool = ji_pg_pool_new(loop, ingest_url, JI_PG_MAX_IDLE);
+    pool = ji_pg_pool_new(loop, ingest_url, JI_PG_KEEP_IDLE);
     env = (ji_ingest_env_t){
         .loop = loop,
         .zero_timeout = &zero_timeout,

@@ -10,6 +10,7 @@
 #include "pg.h"
 #include "row_encoder.h"
 #include "schema.h"
+#include "service_limits.h"
 #include "unit.h"
 #include "unit_loop.h"
 
@@ -1144,6 +1145,48 @@ static void test_many_connections(void)
     h2o_evloop_destroy(loop);
 }
 
+/* Idle connections beyond JI_PG_KEEP_IDLE go after JI_PG_IDLE_CLOSE_MS unused; the kept ones still work. */
+static void test_idle_close(void)
+{
+    enum { N = JI_PG_KEEP_IDLE + 3 };
+    h2o_loop_t *loop = h2o_evloop_create();
+    ji_pg_pool_t *pool = ji_pg_pool_new(loop, db_url, N);
+    ji_pg_t *pgs[N];
+    double deadline;
+
+    for (int i = 0; i < N; i++)
+        CHECK((pgs[i] = get_conn(loop, pool)) != NULL);
+    for (int i = 0; i < N; i++)
+        ji_pg_pool_put(pool, pgs[i]);
+    CHECK_EQ_INT(ji_pg_pool_idle(pool), N); /* a burst's connections serve the next requests */
+    deadline = now_sec() + JI_PG_IDLE_CLOSE_MS / 2000.0;
+    while (now_sec() < deadline)
+        h2o_evloop_run(loop, 20);
+    CHECK_EQ_INT(ji_pg_pool_idle(pool), N); /* not before the time */
+    deadline = now_sec() + JI_PG_IDLE_CLOSE_MS / 1000.0 + 2;
+    while (ji_pg_pool_idle(pool) > JI_PG_KEEP_IDLE && now_sec() < deadline)
+        h2o_evloop_run(loop, 20);
+    CHECK_EQ_INT(ji_pg_pool_idle(pool), JI_PG_KEEP_IDLE);
+    h2o_evloop_run(loop, 20);
+    CHECK_EQ_INT(ji_pg_pool_busy(pool), 0);
+    {
+        ji_pg_t *pg = get_conn(loop, pool);
+        result_t res = {0};
+
+        CHECK(pg != NULL);
+        if (pg != NULL) {
+            CHECK_EQ_INT(ji_pg_query(pg, "SELECT 7", 0, NULL, on_result, &res), 0);
+            CHECK(run_until(loop, &res.done, 10));
+            CHECK_EQ_STR(res.value, "7");
+            ji_pg_pool_put(pool, pg);
+        }
+    }
+    CHECK_EQ_INT(ji_pg_pool_idle(pool), JI_PG_KEEP_IDLE);
+    ji_pg_pool_free(pool);
+    settle(loop);
+    h2o_evloop_destroy(loop);
+}
+
 /* libpq moves to the next host or address after a failure, with a new socket: the loop must follow it. */
 static void test_socket_changes(void)
 {
@@ -1259,6 +1302,7 @@ int main(void)
                                         {"terminated_during_copy", test_terminated_during_copy},
                                         {"callbacks_release", test_callbacks_release},
                                         {"many_connections", test_many_connections},
+                                        {"idle_close", test_idle_close},
                                         {"socket_changes", test_socket_changes},
                                         {"connect_timeout", test_connect_timeout},
                                         {"terminated_during_query", test_terminated_during_query},
