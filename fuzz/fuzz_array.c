@@ -16,7 +16,8 @@
  *   4. when the scan stops for depth and yajl accepts the body, the first too-deep element of the tree is the one
  *      the scan named;
  *   5. every element's name and email go through the array mode's field rules, and what they accept is valid;
- *   6. the body read as JSON Lines: on every line the record parser and the scan draw the nesting line at the same
+ *   6. the cursor over the array's element texts (the array mode's dead letters) agrees with the tree;
+ *   7. the body read as JSON Lines: on every line the record parser and the scan draw the nesting line at the same
  *      depth (JI_MAX_JSON_DEPTH): the parser's depth error only where the scan stops for depth, and no record the
  *      parser accepts nests deeper.
  *
@@ -56,6 +57,39 @@
 #ifdef FZ_HAVE_HEAP_COUNT
 size_t __sanitizer_get_current_allocated_bytes(void);
 #endif
+
+/* ------------------------------------------------------------------ element texts */
+
+/*
+ * The cursor that finds a rejected element's bytes (ji_array_elements_next, the dead letters of the array mode):
+ * over an array yajl accepted it gives as many elements as the tree has, each non-empty, inside the text, in
+ * order, and each one parses alone to a value of the same type.
+ */
+static void check_element_texts(const char *text, size_t len, yajl_val root)
+{
+    ji_array_elements_t c = {0};
+    const char *start, *prev_end = text;
+    size_t n = 0, elen;
+    char msg[128];
+
+    while (ji_array_elements_next(&c, text, len, &start, &elen)) {
+        FZ_CHECK(n < root->u.array.len);
+        FZ_CHECK(elen > 0 && start >= prev_end && start + elen <= text + len);
+        char *one = malloc(elen + 1);
+        FZ_CHECK(one != NULL);
+        memcpy(one, start, elen);
+        one[elen] = '\0';
+        yajl_val v = yajl_tree_parse(one, msg, sizeof(msg));
+        free(one);
+        if (v != NULL) { /* a lone string or number may need what follows it to end: only types are compared */
+            FZ_CHECK(v->type == root->u.array.values[n]->type);
+            yajl_tree_free(v);
+        }
+        prev_end = start + elen;
+        n++;
+    }
+    FZ_CHECK(n == root->u.array.len);
+}
 
 /* ------------------------------------------------------------------ small tools */
 
@@ -195,6 +229,7 @@ static void check_tree(const uint8_t *data, size_t size, const ji_array_scan_t *
             FZ_CHECK(root->u.array.len == ref->elements);
             for (size_t i = 0; i < root->u.array.len; i++)
                 check_element(root->u.array.values[i], i + 1);
+            check_element_texts((const char *)data, size, root);
         }
         if (after > before)
             FZ_CHECK(after - before <= ji_array_scan_tree_bytes(ref));

@@ -137,9 +137,10 @@ uint64_t ji_array_scan_tree_bytes(const ji_array_scan_t *s)
 
 /* ------------------------------------------------------------------ elements */
 
+/** Whitespace between tokens as yajl reads it: JSON's four, plus '\v' and '\f', which yajl 2.1 also skips. */
 static bool is_json_space(char c)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
 bool ji_array_elements_next(ji_array_elements_t *c, const char *text, size_t text_len, const char **start, size_t *len)

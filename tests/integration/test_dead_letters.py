@@ -313,3 +313,17 @@ def test_round_trip_batch_dead_letters_raw_and_resend(srv, db):
     again = post(srv, fixed)
     assert again.status == 200 and again.json()["inserted"] == len(raw.body.splitlines()), again
     assert again.json()["rejected_url"] is None
+
+
+def test_array_mode_element_texts_across_vertical_tabs(srv, db):
+    """yajl skips \\v and \\f between tokens: the kept element is still exactly the element."""
+    bad = b'{"name":"v","x":1}'
+    body = b"[\v" + bad + b"\f,\v" + b'{"name":"ok","email":"ok@example.com"}' + b"\v]"
+    c = helpers.HTTPConn(srv.host, srv.port, timeout=60)
+    try:
+        c.send(helpers.post_head("/users?on_error=skip", length=len(body), content_type="application/json") + body)
+        r = c.read_response()
+    finally:
+        c.close()
+    assert r.status == 200 and r.json()["skipped"] == 1 and r.json()["inserted"] == 1, r
+    assert [(x["line"], x["record"]) for x in dead_letters(db, r.json()["batch_id"])] == [(1, bad)]
