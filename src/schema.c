@@ -72,6 +72,62 @@ static const char SQL_CREATE_REJECTED[] = "CREATE TABLE IF NOT EXISTS rejected_r
                                           "truncated boolean NOT NULL DEFAULT false, "
                                           "PRIMARY KEY (batch_id, line))";
 
+/*
+ * Resumable uploads (docs/resumable.md). `uploads` holds one row per upload resource: its options, its durable
+ * offset and the counts of the lines before it, and once it ends its outcome (kept until `expires_at` so that a
+ * client that lost the final answer can still read it). `batch_key` becomes the batch's key when the upload
+ * commits and names the image journals of its appends. Staged rows and staged dead letters wait in
+ * upload_rows and upload_rejected until the upload commits (moved into users / rejected_records) or ends
+ * otherwise (deleted with the upload).
+ */
+static const char SQL_CREATE_UPLOADS[] = "CREATE TABLE IF NOT EXISTS uploads ("
+                                         "upload_id bigserial PRIMARY KEY, "
+                                         "token text NOT NULL UNIQUE, "
+                                         "protocol text NOT NULL, "
+                                         "batch_key text NOT NULL UNIQUE, "
+                                         "length bigint, "
+                                         "upload_offset bigint NOT NULL DEFAULT 0, "
+                                         "lines bigint NOT NULL DEFAULT 0, "
+                                         "inserted bigint NOT NULL DEFAULT 0, "
+                                         "skipped bigint NOT NULL DEFAULT 0, "
+                                         "images bigint NOT NULL DEFAULT 0, "
+                                         "appends bigint NOT NULL DEFAULT 0, "
+                                         "skip_errors boolean NOT NULL DEFAULT false, "
+                                         "max_errors bigint, "
+                                         "idempotency_key text, "
+                                         "metadata text, "
+                                         "state text NOT NULL DEFAULT 'open', "
+                                         "batch_id bigint, "
+                                         "answer_status integer, "
+                                         "answer text, "
+                                         "created_at timestamptz NOT NULL DEFAULT now(), "
+                                         "updated_at timestamptz NOT NULL DEFAULT now(), "
+                                         "expires_at timestamptz NOT NULL)";
+
+static const char SQL_CREATE_UPLOAD_ROWS[] = "CREATE TABLE IF NOT EXISTS upload_rows ("
+                                             "upload_id bigint NOT NULL REFERENCES uploads (upload_id) "
+                                             "ON DELETE CASCADE, "
+                                             "line bigint NOT NULL, "
+                                             "name varchar(255) NOT NULL, "
+                                             "email varchar(255) NOT NULL, "
+                                             "image_path text, "
+                                             "image_type text, "
+                                             "image_size bigint, "
+                                             "PRIMARY KEY (upload_id, line))";
+
+static const char SQL_CREATE_UPLOAD_REJECTED[] = "CREATE TABLE IF NOT EXISTS upload_rejected ("
+                                                 "upload_id bigint NOT NULL REFERENCES uploads (upload_id) "
+                                                 "ON DELETE CASCADE, "
+                                                 "line bigint NOT NULL, "
+                                                 "error text NOT NULL, "
+                                                 "field text, "
+                                                 "record bytea NOT NULL, "
+                                                 "truncated boolean NOT NULL DEFAULT false, "
+                                                 "PRIMARY KEY (upload_id, line))";
+
+static const char SQL_CREATE_UPLOADS_EXPIRY_INDEX[] =
+    "CREATE INDEX IF NOT EXISTS uploads_expires_at_idx ON uploads (expires_at)";
+
 /* the sweep of expired keys reads keys by age: a small index over the rows that still hold a key */
 static const char SQL_HAS_KEY_AGE_INDEX[] =
     "SELECT count(*) FROM pg_class WHERE oid = to_regclass('batches_key_age_idx')";
@@ -209,6 +265,16 @@ int ji_schema_ensure(PGconn *conn, ji_error_t *err)
         goto rollback;
     if (indexes == 0 && exec_expect(conn, SQL_CREATE_BATCH_INDEX, PGRES_COMMAND_OK, "creating index users_batch_id_idx",
                                     err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_CREATE_UPLOADS, PGRES_COMMAND_OK, "creating table uploads", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_CREATE_UPLOAD_ROWS, PGRES_COMMAND_OK, "creating table upload_rows", err, NULL) != 0)
+        goto rollback;
+    if (exec_expect(conn, SQL_CREATE_UPLOAD_REJECTED, PGRES_COMMAND_OK, "creating table upload_rejected", err, NULL) !=
+        0)
+        goto rollback;
+    if (exec_expect(conn, SQL_CREATE_UPLOADS_EXPIRY_INDEX, PGRES_COMMAND_OK, "creating index uploads_expires_at_idx",
+                    err, NULL) != 0)
         goto rollback;
     /* a failed COMMIT has ended the transaction already: nothing to roll back */
     return exec_expect(conn, "COMMIT", PGRES_COMMAND_OK, "COMMIT", err, NULL);
