@@ -57,6 +57,24 @@ typedef struct st_ji_ingest_env_t {
     uint64_t next_key_sweep_ms;
 } ji_ingest_env_t;
 
+/**
+ * One append to a resumable upload (docs/resumable.md): the body continues the upload named `token` at `offset`.
+ * Its rows are staged (upload_rows), not inserted; its rejected records go to upload_rejected. Under the upload's
+ * lock (a later append takes over from an earlier one still holding it) the ingest reads the upload's row: its
+ * options (on_error, max_errors, Idempotency-Key) and the counts of the lines before `offset` replace those of
+ * ji_ingest_params_t, and line numbers continue from there. At the end of the body (or when the client is gone,
+ * ji_ingest_interrupt) the complete lines received are staged and the upload's offset moves past the last of
+ * them, in one transaction; a partial last line is not kept (the client sends it again). When the body completes
+ * the upload, the same transaction moves every staged row into users as one batch.
+ */
+typedef struct st_ji_ingest_append_t {
+    char token[JI_UPLOAD_TOKEN_CHARS + 1]; /**< the upload's token (lowercase hex) */
+    uint64_t offset;                       /**< the client's Upload-Offset: the durable offset, or 409 */
+    int64_t length;                        /**< Upload-Length given with this request (-1: none) */
+    bool completes;                        /**< Upload-Complete: ?1 (draft): the upload ends with this body */
+    bool draft;                            /**< the request speaks the IETF draft (else tus 1.0.0) */
+} ji_ingest_append_t;
+
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip: rejected records are skipped and kept as dead letters */
     bool has_max_errors; /**< ?max_errors=N (implies skip_errors) */
@@ -67,6 +85,8 @@ typedef struct st_ji_ingest_params_t {
      * ingest checks it again (ji_idempotency_key_check: 400 when bad) and removes the quotes of the quoted form.
      */
     const char *idempotency_key;
+    /** A resumable upload's append (copied by ji_ingest_new), or NULL for a POST /users. */
+    const ji_ingest_append_t *append;
 } ji_ingest_params_t;
 
 typedef struct st_ji_ingest_callbacks_t {
@@ -116,6 +136,18 @@ void ji_ingest_end(ji_ingest_t *in);
  * the ingest already finished or is committing.
  */
 void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
+
+/**
+ * Append only: the client's connection is gone mid-body. The complete lines received are staged and the offset
+ * moves past them (as at the end of a body that does not complete the upload); done comes with 204.
+ */
+void ji_ingest_interrupt(ji_ingest_t *in);
+
+/**
+ * Append only, after done: the upload's durable offset (for Upload-Offset), valid with 204 (the append was kept),
+ * 200 (the upload committed) and 409 (the offset the client must resume from); 0 when unknown.
+ */
+uint64_t ji_ingest_append_offset(const ji_ingest_t *in);
 
 /** What a request stored, for its access-log line: nothing unless it committed (a replay stored nothing). */
 typedef struct st_ji_ingest_outcome_t {

@@ -115,6 +115,12 @@
 #define JI_MAX_HEADERS 64
 /** Longest Idempotency-Key accepted (bytes): a key is stored and indexed with its batch. */
 #define JI_MAX_IDEMPOTENCY_KEY_BYTES 255
+/** A resumable upload's token: 128 random bits (getrandom), as lowercase hex. */
+#define JI_UPLOAD_TOKEN_CHARS 32
+/** --upload-expiry default (seconds): an upload with no append for this long is discarded. */
+#define JI_DEFAULT_UPLOAD_EXPIRY_S 86400
+/** --max-upload-bytes default: the largest Upload-Length (and offset) a resumable upload may reach (Tus-Max-Size). */
+#define JI_DEFAULT_MAX_UPLOAD_BYTES (64ull * 1024 * 1024 * 1024)
 /**
  * Default for --idempotency-ttl (seconds): how long a committed key answers retries. After it the key may be
  * reused; the service and `gc` clear it (its batch stays), so keys do not pile up in the database.
