@@ -38,6 +38,10 @@ typedef struct st_ji_ingest_stats_t {
     _Atomic uint64_t rejected_records;          /**< skip mode: rejected records committed as dead letters */
     _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
     _Atomic uint64_t limit_record_bytes;        /**< records over --max-record-bytes */
+    _Atomic uint64_t uploads_created;           /**< resumable uploads created (uploads.c) */
+    _Atomic uint64_t uploads_completed;         /**< resumable uploads committed as a batch (by their last append) */
+    _Atomic uint64_t uploads_expired;           /**< resumable uploads discarded by the expiry sweep */
+    _Atomic uint64_t uploads_resumed;           /**< appends at an offset above 0 that were kept */
 } ji_ingest_stats_t;
 
 /**
@@ -52,6 +56,8 @@ typedef struct st_ji_ingest_env_t {
     ji_image_store_t *images;
     size_t max_record_bytes;    /**< --max-record-bytes */
     unsigned idempotency_ttl_s; /**< --idempotency-ttl (0: JI_DEFAULT_IDEMPOTENCY_TTL_S) */
+    uint64_t max_upload_bytes;  /**< --max-upload-bytes: an append may not take an upload past it (413) */
+    unsigned upload_expiry_s;   /**< --upload-expiry: an append moves the upload's expires_at this far ahead */
     ji_ingest_stats_t *stats;
     /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */
     uint64_t next_key_sweep_ms;

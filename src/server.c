@@ -309,6 +309,8 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
         .images = &server->images,
         .max_record_bytes = server->config->max_record_bytes,
         .idempotency_ttl_s = server->config->idempotency_ttl_s,
+        .max_upload_bytes = server->config->max_upload_bytes,
+        .upload_expiry_s = server->config->upload_expiry_s,
         .stats = &w->ingest_stats,
     };
     w->listener = h2o_evloop_socket_create(w->ctx.loop, listen_fd, H2O_SOCKET_FLAG_DONT_READ);
