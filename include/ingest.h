@@ -73,6 +73,21 @@ typedef struct st_ji_ingest_env_t {
  * them, in one transaction; a partial last line is not kept (the client sends it again). When the body completes
  * the upload, the same transaction moves every staged row into users as one batch.
  */
+/**
+ * The transaction-scoped advisory lock of an upload, in the two-int4 key space: class JI_UPLOAD_LOCK_TAG << 24 with
+ * the upload_id's bits above 32, key its low 32 bits (exact for ids below 2^56; export.h's horizon uses tag 74).
+ * JI_UPLOAD_LOCK_ARGS(id) are the two arguments for pg_advisory_xact_lock (`id`: an SQL bigint expression);
+ * JI_UPLOAD_LOCK_MATCH(l, id) finds that lock in pg_locks row `l` (a later append or a DELETE terminates its
+ * holder: the takeover).
+ */
+#define JI_UPLOAD_LOCK_TAG 75
+#define JI_UPLOAD_LOCK_TAG_KEY "1258291200" /* JI_UPLOAD_LOCK_TAG << 24 */
+#define JI_UPLOAD_LOCK_ARGS(id)                                                                                        \
+    "(" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32))::int4, ((" id ") & 4294967295)::bit(32)::int4"
+#define JI_UPLOAD_LOCK_MATCH(l, id)                                                                                    \
+    l ".locktype = 'advisory' AND " l ".objsubid = 2 AND " l ".classid::bigint = (" JI_UPLOAD_LOCK_TAG_KEY " | ((" id  \
+      ") >> 32)) AND " l ".objid::bigint = ((" id ") & 4294967295)"
+
 typedef struct st_ji_ingest_append_t {
     char token[JI_UPLOAD_TOKEN_CHARS + 1]; /**< the upload's token (lowercase hex) */
     uint64_t offset;                       /**< the client's Upload-Offset: the durable offset, or 409 */
