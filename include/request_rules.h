@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "content_digest.h"
+#include "ingest.h"
 #include "picohttp.h"
 
 typedef enum { JI_FORMAT_UNDECIDED, JI_FORMAT_JSONL, JI_FORMAT_ARRAY } ji_format_t;
@@ -98,6 +99,8 @@ typedef struct st_ji_upload_options_t {
     ji_content_encoding_t encoding;
     char idempotency_key[JI_MAX_IDEMPOTENCY_KEY_BYTES + 1]; /**< "" when none (quotes of the quoted form removed) */
     ji_content_digest_expect_t digest; /**< Content-Digest: the digests to check (none: all false) */
+    bool has_append;                   /**< the body is an append to a resumable upload (`append`) */
+    ji_ingest_append_t append;
 } ji_upload_options_t;
 
 /**

@@ -559,6 +559,11 @@ static bool sniff(ji_upload_t *u, size_t avail)
         r = ji_body_decoder_done(&u->body) || avail >= JI_MAX_SNIFF_BYTES ? 0 : -1;
     if (r < 0)
         return false; /* not yet */
+    if (r == 1 && u->params.append != NULL) {
+        ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "an upload's body is JSON Lines, not a JSON array");
+        fail(u, &err);
+        return true;
+    }
     if ((r == 1 ? start_array(u, &err) : start_stream(u, &err)) != 0) {
         fail(u, &err);
         return true;
@@ -605,7 +610,10 @@ static void on_read_body(h2o_socket_t *sock, const char *err)
     ji_upload_t *u = c->upload;
 
     if (err != NULL) {
-        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed) */
+        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed); an append keeps
+         * the complete lines it received and finishes on its own */
+        if (u->ingest != NULL && u->params.append != NULL && u->state == UPLOAD_STREAM)
+            ji_ingest_interrupt(u->ingest);
         ji_conn_close(c);
         return;
     }
@@ -653,6 +661,7 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
     u->params.has_max_errors = options->has_max_errors;
     u->params.max_errors = options->max_errors;
     u->params.idempotency_key = options->idempotency_key[0] != '\0' ? u->options.idempotency_key : NULL;
+    u->params.append = options->has_append ? &u->options.append : NULL;
     c->body_unread = ji_request_has_body(head);
     if (head->chunked)
         ji_body_decoder_init_chunked(&u->body);
