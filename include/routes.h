@@ -21,6 +21,7 @@ typedef enum {
     JI_ROUTE_HEALTHZ,    /**< /healthz */
     JI_ROUTE_READYZ,     /**< /readyz */
     JI_ROUTE_METRICS,    /**< /metrics */
+    JI_ROUTE_UPLOAD,     /**< /uploads/{token}: PATCH appends to a resumable upload */
     JI_ROUTE_COUNT,      /**< not a route: how many there are (the metrics' "other" row: 404s, bad heads) */
 } ji_route_id_t;
 

@@ -398,6 +398,58 @@ void ji_conn_bridge(ji_conn_t *c, const ji_request_head_t *head, h2o_iovec_t ent
 
 /* ------------------------------------------------------------------ request heads */
 
+static const struct phr_header *find_header(const ji_request_head_t *h, const char *name)
+{
+    size_t n = strlen(name);
+
+    for (size_t i = 0; i < h->num_headers; i++)
+        if (h->headers[i].name_len == n && strncasecmp(h->headers[i].name, name, n) == 0)
+            return &h->headers[i];
+    return NULL;
+}
+
+static int header_number(const struct phr_header *hd, uint64_t *out)
+{
+    char buf[24];
+
+    if (hd == NULL || hd->value_len == 0 || hd->value_len >= sizeof(buf))
+        return -1;
+    memcpy(buf, hd->value, hd->value_len);
+    buf[hd->value_len] = '\0';
+    for (size_t i = 0; i < hd->value_len; i++)
+        if (buf[i] < '0' || buf[i] > '9')
+            return -1;
+    *out = strtoull(buf, NULL, 10);
+    return 0;
+}
+
+/** PATCH /uploads/{token}: Upload-Offset, and Upload-Length or Upload-Complete: ?1 when given. */
+static int append_options(ji_upload_options_t *o, const ji_request_head_t *h, ji_error_t *err)
+{
+    const struct phr_header *complete = find_header(h, "upload-complete");
+    uint64_t length;
+
+    memset(o, 0, sizeof(*o));
+    o->format = JI_FORMAT_JSONL;
+    o->encoding = JI_ENCODING_IDENTITY;
+    if (h->unknown_encoding || h->encoding != JI_ENCODING_IDENTITY)
+        return ji_error_set(err, JI_ERR_UNSUPPORTED, 0, NULL, "an upload's body takes no Content-Encoding");
+    o->has_append = true;
+    memcpy(o->append.token, h->path + sizeof("/uploads/") - 1, JI_UPLOAD_TOKEN_CHARS);
+    o->append.token[JI_UPLOAD_TOKEN_CHARS] = '\0';
+    if (header_number(find_header(h, "upload-offset"), &o->append.offset) != 0)
+        return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "Upload-Offset is missing or not a number");
+    o->append.length = -1;
+    if (find_header(h, "upload-length") != NULL) {
+        if (header_number(find_header(h, "upload-length"), &length) != 0 || length > INT64_MAX)
+            return ji_error_set(err, JI_ERR_MALFORMED, 0, NULL, "Upload-Length is not a number");
+        o->append.length = (int64_t)length;
+    }
+    o->append.completes = complete != NULL && complete->value_len == 2 && memcmp(complete->value, "?1", 2) == 0;
+    o->append.draft = find_header(h, "upload-draft-interop-version") != NULL;
+    return 0;
+}
+
 static void process_head(ji_conn_t *c)
 {
     ji_server_t *server = c->worker->server;
@@ -433,7 +485,8 @@ static void process_head(ji_conn_t *c)
         return;
     }
     if (route.upload) {
-        if (ji_upload_options_parse(&options, &head, &err) != 0) {
+        if (route.id == JI_ROUTE_UPLOAD ? append_options(&options, &head, &err) != 0
+                                        : ji_upload_options_parse(&options, &head, &err) != 0) {
             refuse(c, &head, &err, NULL);
             return;
         }

@@ -5,6 +5,7 @@
 
 static const char ALLOW_READ[] = "GET, HEAD";
 static const char ALLOW_USERS[] = "GET, HEAD, POST";
+static const char ALLOW_UPLOAD[] = "PATCH";
 
 static bool span_is(const char *s, size_t len, const char *lit)
 {
@@ -56,6 +57,11 @@ static int route_of_path(const char *p, size_t len, ji_route_id_t *id)
             return 0;
         }
     }
+    if (len == sizeof("/uploads/") - 1 + JI_UPLOAD_TOKEN_CHARS &&
+        memcmp(p, "/uploads/", sizeof("/uploads/") - 1) == 0) {
+        *id = JI_ROUTE_UPLOAD;
+        return 0;
+    }
     if (route_of_item(p, len, "/users/", "/image", JI_ROUTE_USER, JI_ROUTE_USER_IMAGE, id) == 0)
         return 0;
     return route_of_item(p, len, "/batches/", "/rejected", JI_ROUTE_BATCH, JI_ROUTE_REJECTED, id);
@@ -69,7 +75,13 @@ int ji_route_match(const char *method, size_t method_len, const char *path, size
     memset(route, 0, sizeof(*route));
     if (route_of_path(path, path_len, &route->id) != 0)
         return ji_error_set(err, JI_ERR_NOT_FOUND, 0, NULL, "no such route");
-    route->allow = route->id == JI_ROUTE_USERS ? ALLOW_USERS : ALLOW_READ;
+    route->allow = route->id == JI_ROUTE_USERS ? ALLOW_USERS : route->id == JI_ROUTE_UPLOAD ? ALLOW_UPLOAD : ALLOW_READ;
+    if (route->id == JI_ROUTE_UPLOAD) {
+        if (!span_is(method, method_len, "PATCH"))
+            return ji_error_set(err, JI_ERR_METHOD, 0, NULL, "method not allowed here (allowed: %s)", route->allow);
+        route->upload = true;
+        return 0;
+    }
     route->probe = route->id == JI_ROUTE_HEALTHZ || route->id == JI_ROUTE_READYZ;
     if (read)
         return 0;
@@ -87,7 +99,8 @@ const char *ji_route_name(ji_route_id_t id)
         [JI_ROUTE_USERS] = "/users",     [JI_ROUTE_USERS_CSV] = "/users.csv",
         [JI_ROUTE_USER] = "/users/{id}", [JI_ROUTE_USER_IMAGE] = "/users/{id}/image",
         [JI_ROUTE_HEALTHZ] = "/healthz", [JI_ROUTE_READYZ] = "/readyz",
-        [JI_ROUTE_METRICS] = "/metrics", [JI_ROUTE_COUNT] = "other",
+        [JI_ROUTE_METRICS] = "/metrics", [JI_ROUTE_UPLOAD] = "/uploads/{token}",
+        [JI_ROUTE_COUNT] = "other",
     };
     return (unsigned)id <= JI_ROUTE_COUNT && names[id] != NULL ? names[id] : "other";
 }

@@ -44,6 +44,7 @@ struct st_ji_upload_t {
     ji_ingest_t *ingest;
     ji_content_digest_t *digest; /**< Content-Digest of a stream: the wire bytes hashed (NULL: no check) */
     ji_ingest_outcome_t outcome; /**< what a streamed upload committed (the JSON-array mode: array_request) */
+    char extra_headers[64];      /**< an append's Upload-Offset ("": none) */
     uint64_t body_received;      /**< body bytes that arrived, taken or not (framing included), for the access log */
 
     /* feeding */
@@ -123,7 +124,7 @@ static void answer(ji_upload_t *u, int status, const char *body, size_t len, uns
     c->body_unread = !ji_body_decoder_done(&u->body);
     if (status != 200)
         c->keep_alive = false; /* a failed upload ends its connection, whatever was read of it */
-    ji_conn_respond(c, status, body, len, retry_after, NULL);
+    ji_conn_respond(c, status, body, len, retry_after, u->extra_headers[0] != '\0' ? u->extra_headers : NULL);
 }
 
 static void answer_error(ji_upload_t *u, const ji_error_t *err)
@@ -282,6 +283,9 @@ static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char 
     /* `body` belongs to the ingest: copy it, free the ingest, then answer (which may close the connection) */
     ji_text_append(&copy, body, len);
     ji_ingest_outcome(in, &u->outcome);
+    if (u->params.append != NULL && (status == 200 || status == 204 || status == 409))
+        snprintf(u->extra_headers, sizeof(u->extra_headers), "Upload-Offset: %llu\r\n",
+                 (unsigned long long)ji_ingest_append_offset(in));
     ji_ingest_free(in);
     u->ingest = NULL;
     if (copy.failed) {
