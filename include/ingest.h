@@ -56,9 +56,9 @@ typedef struct st_ji_ingest_env_t {
     ji_image_store_t *images;
     size_t max_record_bytes;    /**< --max-record-bytes */
     unsigned idempotency_ttl_s; /**< --idempotency-ttl (0: JI_DEFAULT_IDEMPOTENCY_TTL_S) */
-    uint64_t max_upload_bytes;  /**< --max-upload-bytes: an append may not take an upload past it (413) */
-    unsigned upload_expiry_s;   /**< --upload-expiry: an append moves the upload's expires_at this far ahead */
     ji_ingest_stats_t *stats;
+    uint64_t max_upload_bytes; /**< --max-upload-bytes: no append may take an upload past it (0: the default) */
+    unsigned upload_expiry_s;  /**< --upload-expiry: an append moves expires_at to now + this (0: the default) */
     /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */
     uint64_t next_key_sweep_ms;
 } ji_ingest_env_t;
@@ -73,21 +73,6 @@ typedef struct st_ji_ingest_env_t {
  * them, in one transaction; a partial last line is not kept (the client sends it again). When the body completes
  * the upload, the same transaction moves every staged row into users as one batch.
  */
-/**
- * The transaction-scoped advisory lock of an upload, in the two-int4 key space: class JI_UPLOAD_LOCK_TAG << 24 with
- * the upload_id's bits above 32, key its low 32 bits (exact for ids below 2^56; export.h's horizon uses tag 74).
- * JI_UPLOAD_LOCK_ARGS(id) are the two arguments for pg_advisory_xact_lock (`id`: an SQL bigint expression);
- * JI_UPLOAD_LOCK_MATCH(l, id) finds that lock in pg_locks row `l` (a later append or a DELETE terminates its
- * holder: the takeover).
- */
-#define JI_UPLOAD_LOCK_TAG 75
-#define JI_UPLOAD_LOCK_TAG_KEY "1258291200" /* JI_UPLOAD_LOCK_TAG << 24 */
-#define JI_UPLOAD_LOCK_ARGS(id)                                                                                        \
-    "(" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32))::int4, ((" id ") & 4294967295)::bit(32)::int4"
-#define JI_UPLOAD_LOCK_MATCH(l, id)                                                                                    \
-    l ".locktype = 'advisory' AND " l ".objsubid = 2 AND " l ".classid::bigint = (" JI_UPLOAD_LOCK_TAG_KEY " | ((" id  \
-      ") >> 32)) AND " l ".objid::bigint = ((" id ") & 4294967295)"
-
 typedef struct st_ji_ingest_append_t {
     char token[JI_UPLOAD_TOKEN_CHARS + 1]; /**< the upload's token (lowercase hex) */
     uint64_t offset;                       /**< the client's Upload-Offset: the durable offset, or 409 */
@@ -95,6 +80,27 @@ typedef struct st_ji_ingest_append_t {
     bool completes;                        /**< Upload-Complete: ?1 (draft): the upload ends with this body */
     bool draft;                            /**< the request speaks the IETF draft (else tus 1.0.0) */
 } ji_ingest_append_t;
+
+/**
+ * The upload lock: a transaction advisory lock of two int4 keys, 'U' (85) in the top 8 bits of the first and the
+ * upload_id in the other 56 bits (the export horizon's locks have 'J'). An append holds it from before it reads the
+ * upload's row to its COMMIT or ROLLBACK; whoever must change the upload (a later append, DELETE) takes it after
+ * terminating its holder. `id` is an SQL expression of type bigint.
+ */
+#define JI_UPLOAD_LOCK_TAG_KEY "1426063360" /* 85 << 24 */
+#define JI_UPLOAD_LOCK_ARGS(id)                                                                                        \
+    "((" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32))::int4, ((" id ") & 4294967295)::bit(32)::int4)"
+/** The lock: "SELECT " JI_UPLOAD_LOCK_SQL("$1::bigint"), waits (bounded by the transaction's lock_timeout). */
+#define JI_UPLOAD_LOCK_SQL(id) "pg_advisory_xact_lock" JI_UPLOAD_LOCK_ARGS(id)
+/**
+ * Terminates every other backend holding the upload lock of `id` (their transactions roll back); an expression
+ * giving how many. The lock is free once they are gone: take it with JI_UPLOAD_LOCK_SQL in a later expression.
+ */
+#define JI_UPLOAD_TERMINATE_SQL(id)                                                                                    \
+    "(SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "          \
+    "AND l.objsubid = 2 AND l.classid::bigint = (" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32)) "                      \
+    "AND l.objid::bigint = ((" id ") & 4294967295) AND l.pid <> pg_backend_pid() "                                     \
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
 
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip: rejected records are skipped and kept as dead letters */
@@ -160,7 +166,10 @@ void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
 
 /**
  * Append only: the client's connection is gone mid-body. The complete lines received are staged and the offset
- * moves past them (as at the end of a body that does not complete the upload); done comes with 204.
+ * moves past them (as at the end of a body that does not complete the upload); done comes with 204 (or the error
+ * that ended the append). The owner may also free the ingest at once instead of waiting: an interrupted ingest
+ * that has not answered yet is not aborted by ji_ingest_free but finishes on its own and frees itself, with no
+ * callback. An ingest that was not streaming yet simply fails.
  */
 void ji_ingest_interrupt(ji_ingest_t *in);
 

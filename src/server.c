@@ -399,9 +399,23 @@ static void *signal_run(void *arg)
 
 /* ------------------------------------------------------------------ start-up */
 
+/*
+ * gc's verdict on a journal: its batch committed (1: keep the files); the resumable upload of that key is still open
+ * (-1: leave it alone, its staged rows name those files); else 0 (remove them). -1 when the database cannot tell.
+ */
 static int batch_committed(void *ctx, const char *key)
 {
-    return ji_schema_batch_committed(ctx, key);
+    const char *values[1] = {key};
+    PGresult *res;
+    int verdict = ji_schema_batch_committed(ctx, key);
+
+    if (verdict != 0)
+        return verdict;
+    res = PQexecParams(ctx, "SELECT 1 FROM uploads WHERE batch_key = $1 AND state = 'open'", 1, NULL, values, NULL,
+                       NULL, 0);
+    verdict = PQresultStatus(res) != PGRES_TUPLES_OK ? -1 : PQntuples(res) > 0 ? -1 : 0;
+    PQclear(res);
+    return verdict;
 }
 
 /**

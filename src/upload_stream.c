@@ -662,6 +662,11 @@ static bool sniff(ji_upload_t *u, size_t avail)
         r = ji_body_decoder_done(&u->body) || avail >= JI_MAX_SNIFF_BYTES ? 0 : -1;
     if (r < 0)
         return false; /* not yet */
+    if (r == 1 && u->params.append != NULL) {
+        ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "an upload's body is JSON Lines, not a JSON array");
+        fail(u, &err);
+        return true;
+    }
     if ((r == 1 ? start_array(u, &err) : start_stream(u, &err)) != 0) {
         fail(u, &err);
         return true;
@@ -707,14 +712,11 @@ static void on_read_body(h2o_socket_t *sock, const char *err)
     ji_conn_t *c = sock->data;
     ji_upload_t *u = c->upload;
 
-    if (err != NULL && u->resumable && u->ingest != NULL && u->state == UPLOAD_STREAM) {
-        /* an append whose client went away: the complete lines that came are kept (the ingest finishes alone) */
-        ji_ingest_interrupt(u->ingest);
-        ji_conn_close(c);
-        return;
-    }
     if (err != NULL) {
-        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed) */
+        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed); an append keeps
+         * the complete lines it received and finishes on its own */
+        if (u->ingest != NULL && u->params.append != NULL && u->state == UPLOAD_STREAM)
+            ji_ingest_interrupt(u->ingest);
         ji_conn_close(c);
         return;
     }
@@ -946,15 +948,4 @@ void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, cons
     }
     h2o_buffer_consume(&c->sock->input, head->head_len);
     start_append(u);
-}
-
-/* TEMPORARY until the append ingest is merged: weak stand-ins, replaced by ingest.c's definitions */
-__attribute__((weak)) uint64_t ji_ingest_append_offset(const ji_ingest_t *in)
-{
-    (void)in;
-    return 0;
-}
-__attribute__((weak)) void ji_ingest_interrupt(ji_ingest_t *in)
-{
-    (void)in;
 }

@@ -51,12 +51,12 @@ static const char SQL_STATE[] =
 static const char SQL_DELETE[] =
     "WITH u AS (SELECT upload_id FROM uploads WHERE token = $1 AND state IN ('open', 'committed') AND "
     "expires_at > now()), "
-    "t AS (SELECT count(pg_terminate_backend(l.pid)) AS n FROM pg_locks l, u WHERE " JI_UPLOAD_LOCK_MATCH(
-        "l", "u.upload_id") " AND l.granted AND l.pid <> pg_backend_pid()), "
-                            "k AS (SELECT u.upload_id, pg_advisory_xact_lock(" JI_UPLOAD_LOCK_ARGS(
-                                "u.upload_id") ") FROM u, t) "
-                                               "DELETE FROM uploads d USING k WHERE d.upload_id = k.upload_id "
-                                               "RETURNING d.batch_key, d.state";
+    "t AS (SELECT u.upload_id, " JI_UPLOAD_TERMINATE_SQL(
+        "u.upload_id") " AS n FROM u), "
+                       "k AS (SELECT t.upload_id, " JI_UPLOAD_LOCK_SQL(
+                           "t.upload_id") " FROM t) "
+                                          "DELETE FROM uploads d USING k WHERE d.upload_id = k.upload_id RETURNING "
+                                          "d.batch_key, d.state";
 
 /*
  * The expiry sweep: uploads whose expires_at passed, oldest first, that no append holds (its lock is tried,
@@ -65,8 +65,8 @@ static const char SQL_DELETE[] =
 static const char SQL_SWEEP[] =
     "DELETE FROM uploads WHERE upload_id IN (SELECT upload_id FROM uploads WHERE expires_at < now() ORDER BY "
     "expires_at LIMIT " JI_STR(JI_UPLOAD_SWEEP_ROWS) " FOR UPDATE SKIP LOCKED) AND "
-                                                     "pg_try_advisory_xact_lock(" JI_UPLOAD_LOCK_ARGS(
-                                                         "upload_id") ") RETURNING batch_key, state";
+                                                     "pg_try_advisory_xact_lock" JI_UPLOAD_LOCK_ARGS(
+                                                         "upload_id") " RETURNING batch_key, state";
 
 /* ------------------------------------------------------------------ small things */
 
@@ -121,9 +121,11 @@ void ji_upload_headers_write(ji_text_t *t, bool draft, const char *token, bool l
 /** The upload's files: every file its appends wrote (its journals name them). */
 static void drop_upload_files(ji_image_store_t *images, const char *batch_key)
 {
-    /* CALL SITE (append journals): ji_image_store_drop_upload(images, batch_key, &removed, &err) */
-    (void)images;
-    (void)batch_key;
+    uint64_t removed = 0;
+    ji_error_t err;
+
+    if (ji_image_store_drop_upload(images, batch_key, &removed, &err) != 0)
+        fprintf(stderr, "upload %s: cannot remove its image files: %s\n", batch_key, err.message);
 }
 
 /** After a DELETE or a sweep: the files of every deleted upload that never committed (a committed one's are users'). */
