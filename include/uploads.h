@@ -62,7 +62,8 @@ struct st_ji_upload_create_t {
 
 /**
  * Inserts the upload's row (state open, offset 0, expiring --upload-expiry from now) with a new token and batch
- * key. `c` is copied; `metadata` (raw Upload-Metadata, may be NULL) is copied. `cb` fires later from the loop.
+ * key. `c` (its Idempotency-Key) must stay valid until the callback; `metadata` (raw Upload-Metadata, may be
+ * NULL) is copied. `cb` fires later from the loop.
  * 0, or -1 with `err` (out of memory, no randomness, the server stopping).
  */
 int ji_upload_create_start(ji_upload_create_t *cr, struct st_ji_worker_t *w, const ji_upload_creation_t *c,

@@ -937,7 +937,7 @@ void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, cons
     if (rr->create) {
         u->state = UPLOAD_CREATING;
         ji_conn_pause_reading(c);
-        if (ji_upload_create_start(&u->create, c->worker, &rr->creation, rr->metadata, rr->metadata_len, on_created,
+        if (ji_upload_create_start(&u->create, c->worker, &u->rr.creation, rr->metadata, rr->metadata_len, on_created,
                                    &err) != 0) {
             h2o_buffer_consume(&c->sock->input, head->head_len);
             answer_error(u, &err);

@@ -179,7 +179,7 @@ int ji_upload_create_start(ji_upload_create_t *cr, struct st_ji_worker_t *w, con
     cr->values[7] = cr->metadata;
     cr->values[8] = cr->expiry_text;
     cr->cb = cb;
-    /* the key is the caller's (its options outlive the call) */
+    /* the key stays the caller's: `c` must outlive the call */
     cr->idempotency_key = cr->values[6];
     if (ji_pg_call_start(&cr->call, w->pg_pool, SQL_INSERT, 9, cr->values, create_on_result) != 0) {
         free(cr->metadata);
