@@ -29,7 +29,8 @@ void ji_text_append(ji_text_t *t, const char *s, size_t len)
 {
     if (!reserve(t, len))
         return;
-    memcpy(t->base + t->len, s, len);
+    if (len != 0) /* `s` may be NULL then */
+        memcpy(t->base + t->len, s, len);
     t->len += len;
     t->base[t->len] = '\0';
 }
