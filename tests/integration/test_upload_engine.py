@@ -292,3 +292,59 @@ def test_gc_keeps_the_files_of_a_committed_upload_whose_journals_stayed(srv, db,
     srv.stop()
     gc(db, images_dir)
     assert helpers.image_files(images_dir) == files and helpers.pending_files(images_dir) == []
+
+
+@pytest.mark.parametrize("images", [True, False])
+def test_final_commit_cost(srv, db, figures, images):
+    """The final append's INSERT .. SELECT of the staged rows: one append stages every line, an empty completing
+    append moves them. Sizes from JI_UPLOAD_COMMIT_ROWS ("with images,without"; default small). Not asserted."""
+    sizes = [int(x) for x in os.environ.get("JI_UPLOAD_COMMIT_ROWS", "500,5000").split(",")]
+    n = sizes[0] if images else sizes[1]
+    line = (lambda i: helpers.record_line(f"c {i}", f"c-{i}@example.com", helpers.png_bytes(2000, f"c{i % 97}"))
+            if images else helpers.record_line(f"c {i}", f"c-{i}@example.com"))
+    body = b"".join(line(i) + b"\n" for i in range(n))
+    token, _ = create_upload(db)
+    t0 = time.monotonic()
+    r = patch(srv, token, 0, body)
+    t1 = time.monotonic()
+    assert r.status == 204 and offset_of(r) == len(body), r
+    r = patch(srv, token, len(body), b"", complete=True)
+    t2 = time.monotonic()
+    assert r.status == 200 and r.json()["inserted"] == n, r
+    p = post(srv, body)
+    t3 = time.monotonic()
+    assert p.status == 200 and p.json()["inserted"] == n, p
+    figures(f"upload final commit: {n} rows {'with' if images else 'without'} images: staging append "
+            f"{t1 - t0:.2f} s, final commit {t2 - t1:.2f} s; the same body POSTed {t3 - t2:.2f} s")
+
+
+def test_fsync_on_appends_complete_like_fsync_off(start_server, db, images_dir):
+    srv = start_server(fsync="on")
+    body = body_of(8)
+    token, _ = create_upload(db, length=len(body))
+    answers = append_in_pieces(srv, token, body, [len(body) // 2 + 3])
+    assert answers[-1].status == 200 and answers[-1].json()["images"] == 8, answers[-1]
+    assert len(helpers.image_files(images_dir)) == 8 and helpers.pending_files(images_dir) == []
+
+
+def test_kill_mid_append_leaves_the_offset_and_the_next_append_cleans_up(start_server, db, images_dir):
+    srv = start_server()
+    body = body_of(12)
+    token, batch_key = create_upload(db, length=len(body))
+    s = socket.create_connection((srv.host, srv.port))
+    s.sendall(patch_head(token, 0, len(body)) + body[:len(body) // 2])
+    deadline = time.time() + 10
+    while time.time() < deadline and len(helpers.image_files(images_dir)) < 3:
+        time.sleep(0.05)
+    assert len(helpers.image_files(images_dir)) >= 3
+    srv.proc.kill()
+    srv.proc.wait(5)
+    s.close()
+    assert upload_row(db, token) == "open,0,0,0,0,0"
+    assert len(helpers.pending_files(images_dir)) == 1
+    srv = start_server()  # its start-up gc leaves the journal of an open upload alone
+    assert len(helpers.pending_files(images_dir)) == 1
+    r = patch(srv, token, 0, body)
+    assert r.status == 200 and r.json()["inserted"] == 12, r
+    assert len(helpers.image_files(images_dir)) == 12, "the killed append's files were removed"
+    assert helpers.pending_files(images_dir) == []
