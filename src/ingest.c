@@ -31,7 +31,8 @@ static void on_defer(h2o_timeout_entry_t *entry)
             return;
         }
         in->done_delivered = true;
-        in->cb->done(in, in->owner, in->status, in->answer.base, in->answer.len, in->retry_after);
+        in->cb->done(in, in->owner, in->status, in->answer.base != NULL ? in->answer.base : "", in->answer.len,
+                     in->retry_after);
         return; /* the owner may have freed `in` */
     }
     if (in->pending_resume) {
