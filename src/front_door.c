@@ -483,7 +483,7 @@ static void serve_resumable(ji_conn_t *c, const ji_request_head_t *head, const j
         memcpy(rr.append.token, head->path + head->path_len - JI_UPLOAD_TOKEN_CHARS, JI_UPLOAD_TOKEN_CHARS);
         rr.append.offset = uh.offset;
         rr.append.length = uh.has_length ? (int64_t)uh.length : -1;
-        rr.append.completes = uh.draft && uh.complete;
+        rr.append.completes = uh.complete; /* a tus client sends none; ?1 ends an upload of unknown length */
         rr.append.draft = uh.draft;
     }
     if (atomic_load_explicit(&server->stopping, memory_order_relaxed)) {

@@ -3,6 +3,7 @@ durable offset past the last newline; the append that completes the upload moves
 one batch, row for row and file for file like the same body POSTed. Fail mode ends the upload; skip mode keeps
 dead letters across appends; a client that drops keeps its complete lines; a later append takes over; gc leaves
 the files of an open upload alone and removes those of an upload that is gone. Uploads are created with psql."""
+import json
 import os
 import secrets
 import socket
@@ -43,12 +44,22 @@ def patch_head(token, offset, length, upload_length=None, complete=False):
 
 
 def patch(srv, token, offset, body, **kw):
+    """A tus PATCH. The tus answer of the completing one is 204 with Content-Location; the final JSON answer is
+    then read back from GET /uploads/{token} (its kept answer) and returned as the 200 it is."""
     c = helpers.HTTPConn(srv.host, srv.port, timeout=60)
     try:
         c.send(patch_head(token, offset, len(body), **kw) + body)
-        return c.read_response()
+        r = c.read_response()
     finally:
         c.close()
+    if r.status == 204 and "content-location" in r.headers:
+        st, _, got = helpers.raw_request(srv.host, srv.port, f"GET /uploads/{token} HTTP/1.1\r\nHost: localhost\r\n"
+                                         "Connection: close\r\n\r\n".encode())
+        assert st == 200, got
+        kept = json.loads(got)
+        assert r.headers["content-location"] == kept["batch_url"], (r, kept)
+        r = helpers.RawResponse(kept["answer_status"], "OK", r.headers, json.dumps(kept["answer"]).encode(), r.interim)
+    return r
 
 
 def post(srv, body, query=""):
