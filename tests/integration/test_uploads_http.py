@@ -442,6 +442,10 @@ def test_failed_upload_is_410(server):
     assert r.status == 400 and r.json()["line"] == 2, r
     for method in ("HEAD", "GET", "DELETE"):
         assert call(server, method, loc, TUS).status == 410, method
+    g = call(server, "GET", loc)
+    s = g.json()
+    assert g.status == 410 and s["state"] == "failed" and s["answer_status"] == 400, s
+    assert s["answer"] == r.json(), s
 
 
 def test_expiry_discards_the_upload_and_its_files(start_server, db, images_dir):
