@@ -79,6 +79,7 @@ struct st_ji_upload_t {
     time_t expires_at;         /**< a creation's expiry (0: unknown) */
     bool has_body;             /**< the request carries a body (chunked, or a Content-Length above 0) */
     bool interim;              /**< a 104 is to be sent before the body is read */
+    bool http11;               /**< the client speaks HTTP/1.1 (1xx answers allowed) */
     char interim_text[256];    /**< the 104 (and a 100 Continue before it) while it is written */
 
     /* --min-body-rate */
@@ -918,7 +919,7 @@ static void on_created(ji_upload_create_t *cr, const char *db_err)
         ji_text_free(&extra);
         return;
     }
-    u->interim = c->draft && body;
+    u->interim = c->draft && body && u->http11; /* no interim answer to an HTTP/1.0 client */
     u->state = UPLOAD_SNIFF; /* start_stream moves on to UPLOAD_STREAM */
     start_append(u);
 }
@@ -934,6 +935,7 @@ void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, cons
     memset(&options.digest, 0, sizeof(options.digest));
     if ((u = upload_begin(c, head, &options, rr)) == NULL)
         return;
+    u->http11 = head->minor_version >= 1;
     if (rr->create) {
         u->state = UPLOAD_CREATING;
         ji_conn_pause_reading(c);
