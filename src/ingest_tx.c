@@ -27,6 +27,11 @@
  * Idempotency-Key's lock: then the answer waits for the ROLLBACK, so that the
  * key is free when the client learns of the failure. PostgreSQL's own
  * messages go to stderr, never into an answer.
+ *
+ * Appends to a resumable upload take their own path (see "appends to a
+ * resumable upload" below and docs/resumable.md): the upload's lock and row
+ * first, their rows staged in upload_rows, and at the end either the
+ * upload's offset moved (204) or every staged row moved into users (200).
  */
 #include "ingest_internal.h"
 
