@@ -408,3 +408,19 @@ def test_completion_flag_before_the_length_is_refused_and_keeps_nothing(srv, db)
     assert upload_row(db, token) == "open,0,0,0,0,0"
     r = patch(srv, token, 0, body)
     assert r.status == 204 and offset_of(r) == len(body), r
+
+
+def test_a_length_over_the_maximum_and_a_cancelled_upload_are_refused(srv, db):
+    token, _ = create_upload(db)
+    r = patch(srv, token, 0, b"", upload_length=64 * 1024 ** 3 + 1)
+    assert r.status == 413, r
+    r = patch(srv, token, 0, b"", upload_length=64 * 1024 ** 3)
+    assert r.status == 204, r
+    assert db.sql(f"SELECT length FROM uploads WHERE token = '{token}'") == str(64 * 1024 ** 3)
+    db.sql(f"UPDATE uploads SET state = 'cancelled' WHERE token = '{token}'")
+    r = patch(srv, token, 0, b"")
+    assert r.status == 410, r
+    token, _ = create_upload(db)
+    db.sql(f"UPDATE uploads SET expires_at = now() - interval '1 second' WHERE token = '{token}'")
+    r = patch(srv, token, 0, b"")
+    assert r.status == 404, r
