@@ -21,6 +21,15 @@
  * that are not exactly one of our paths are ignored, so a damaged journal
  * can never make us unlink anything else.
  *
+ * Appends. Each append to a resumable upload has a journal of its own,
+ * ".pending/<upload key>.<seq>.<16 random hex>.list" (seq: the upload's
+ * committed appends before it), kept after the append commits: its files
+ * belong to staged rows. The next try of the same seq first removes the
+ * files of every unlocked journal of that seq (a try that never
+ * committed); the upload's end drops the journals (committed: files kept)
+ * or removes their files too (failed, deleted, expired). gc asks about the
+ * upload key at the start of the name.
+ *
  * Live or dead. A batch holds flock(LOCK_EX) on its journal from begin until
  * its end, so gc (another thread, the `gc` subcommand, another host on a
  * filesystem with working locks) skips journals of requests in flight. A

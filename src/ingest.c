@@ -5,6 +5,12 @@
  * (resume, done). Everything that can fail ends in ji_ingest_abort(), which
  * removes the request's files, drops its transaction and answers with the
  * error. The transaction itself is ingest_tx.c's.
+ *
+ * An append to a resumable upload (params.append) is the same request whose
+ * rows go to upload_rows, with lines numbered from the upload's start; at
+ * the end of a body that does not complete the upload the partial last line
+ * is dropped (drop_partial_line) and only complete lines are staged. A
+ * record that fails it in fail mode fails the whole upload (record_abort).
  */
 #include "ingest_internal.h"
 

@@ -27,6 +27,11 @@
  * Idempotency-Key's lock: then the answer waits for the ROLLBACK, so that the
  * key is free when the client learns of the failure. PostgreSQL's own
  * messages go to stderr, never into an answer.
+ *
+ * Appends to a resumable upload take their own path (see "appends to a
+ * resumable upload" below and docs/resumable.md): the upload's lock and row
+ * first, their rows staged in upload_rows, and at the end either the
+ * upload's offset moved (204) or every staged row moved into users (200).
  */
 #include "ingest_internal.h"
 
@@ -1152,10 +1157,11 @@ static void on_upload_failed(ji_pg_call_t *call, PGresult *res, const char *err)
     uint64_t removed = 0;
     ji_error_t e;
 
-    (void)res;
     if (err != NULL)
         fprintf(stderr, "upload %s: marking it failed: %s\n", in->upload_key, err);
-    else if (ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
+    /* no row updated: the upload is no longer open (a later append completed it meanwhile), its files stay */
+    else if (res != NULL && strcmp(PQcmdTuples(res), "1") == 0 &&
+             ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
         fprintf(stderr, "upload %s: %s\n", in->upload_key, e.message);
     ji_ingest_answer(in);
 }
