@@ -58,7 +58,7 @@ def patch(srv, token, offset, body, **kw):
         assert st == 200, got
         kept = json.loads(got)
         assert r.headers["content-location"] == kept["batch_url"], (r, kept)
-        r = helpers.RawResponse(kept["answer_status"], "OK", r.headers, json.dumps(kept["answer"]).encode(), r.interim)
+        r = helpers.RawResponse(kept["answer_status"], "OK", r.headers, (json.dumps(kept["answer"], separators=(",", ":")) + "\n").encode(), r.interim)
     return r
 
 
