@@ -62,4 +62,9 @@ const char *ji_error_kind_name(ji_error_kind_t kind);
 /** Seconds of Retry-After a kind's answer carries (0: none). */
 unsigned ji_error_retry_after(ji_error_kind_t kind);
 
+/** The value of one hex digit (either case), or -1 when `c` is not one. */
+int ji_hex_value(int c);
+/** Writes `n` bytes as 2n lowercase hex digits into `out` (no NUL added). */
+void ji_hex_encode(const unsigned char *in, size_t n, char *out);
+
 #endif

@@ -381,24 +381,13 @@ static const char *fill_batches(stream_t *s, page_t *p, const PGresult *res)
     return NULL;
 }
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /** Decodes `len` hex digits into `out` (len / 2 bytes). 0, or -1 when they are not hex. */
 static int hex_decode(const char *hex, size_t len, char *out)
 {
     if (len % 2 != 0)
         return -1;
     for (size_t i = 0; i < len; i += 2) {
-        int hi = hex_digit(hex[i]), lo = hex_digit(hex[i + 1]);
+        int hi = ji_hex_value((unsigned char)hex[i]), lo = ji_hex_value((unsigned char)hex[i + 1]);
         if (hi < 0 || lo < 0)
             return -1;
         out[i / 2] = (char)(hi << 4 | lo);

@@ -1,4 +1,4 @@
-/* common.c — the error record shared by every stage. */
+/* common.c — the error record shared by every stage, and hex digits. */
 #include "common.h"
 
 #include <stdarg.h>
@@ -70,5 +70,26 @@ unsigned ji_error_retry_after(ji_error_kind_t kind)
         return JI_RETRY_AFTER_BUSY_S;
     default:
         return 0;
+    }
+}
+
+int ji_hex_value(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+void ji_hex_encode(const unsigned char *in, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[in[i] >> 4];
+        out[2 * i + 1] = digits[in[i] & 15];
     }
 }

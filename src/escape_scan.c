@@ -22,23 +22,12 @@ typedef enum {
     STEP_BAD,  /* a bad escape: see `why` */
 } step_t;
 
-static int hex_value(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* The code unit of the 4 hex digits at `h` (already checked). */
 static unsigned code_unit(const char *h)
 {
     unsigned v = 0;
     for (int i = 0; i < 4; i++)
-        v = (v << 4) | (unsigned)hex_value((unsigned char)h[i]);
+        v = (v << 4) | (unsigned)ji_hex_value((unsigned char)h[i]);
     return v;
 }
 
@@ -65,7 +54,7 @@ static step_t step(ji_escape_scan_t *s, unsigned char c, const char **why)
     if (n == 2)
         return c == 'u' ? STEP_MORE : STEP_DONE; /* `\\`, `\"`, `\n`...: two bytes and done */
     if (n <= 6) {
-        if (hex_value(c) < 0)
+        if (ji_hex_value(c) < 0)
             return STEP_REDO;
         if (n < 6)
             return STEP_MORE;
@@ -86,7 +75,7 @@ static step_t step(ji_escape_scan_t *s, unsigned char c, const char **why)
         return c == '\\' ? STEP_MORE : STEP_BAD;
     if (n == 8)
         return c == 'u' ? STEP_MORE : STEP_BAD;
-    if (hex_value(c) < 0)
+    if (ji_hex_value(c) < 0)
         return STEP_BAD;
     if (n < 12)
         return STEP_MORE;

@@ -136,7 +136,6 @@ void ji_request_digest_broken(ji_request_digest_t *d, const ji_error_t *err)
 
 const char *ji_request_digest_hex(ji_request_digest_t *d)
 {
-    static const char digits[] = "0123456789abcdef";
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int mdlen = 0;
 
@@ -145,10 +144,7 @@ const char *ji_request_digest_hex(ji_request_digest_t *d)
         if (d->failed || EVP_DigestFinal_ex(d->ctx, md, &mdlen) != 1 || mdlen * 2 != JI_REQUEST_DIGEST_HEX_LEN) {
             d->failed = true;
         } else {
-            for (unsigned i = 0; i < mdlen; i++) {
-                d->hex[2 * i] = digits[md[i] >> 4];
-                d->hex[2 * i + 1] = digits[md[i] & 15];
-            }
+            ji_hex_encode(md, mdlen, d->hex);
             d->hex[JI_REQUEST_DIGEST_HEX_LEN] = '\0';
         }
     }

@@ -332,8 +332,13 @@ static void *worker_run(void *arg)
     uint64_t grace_end = 0, hard_end = 0;
 
     for (;;) {
-        if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
+        /* epoll_wait fails with EINTR after the process was stopped and continued (SIGSTOP/SIGCONT, a debugger, a
+         * frozen cgroup), even with no signal handler: that is no reason to leave the loop, whose requests (and
+         * their database transactions) would hang with nobody to run them. */
+        if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0 && errno != EINTR) {
+            fprintf(stderr, "event loop failed: %s\n", strerror(errno));
             break;
+        }
         ji_front_door_shed(w);
         if (w == &w->server->workers[0])
             ji_uploads_sweep_tick(w);

@@ -586,11 +586,20 @@ static void process_array(ji_upload_t *u, size_t avail)
 
 /* ------------------------------------------------------------------ choosing the format */
 
-/** Takes `bytes` more of --max-memory for this upload. 0, or -1 with `err` (503) when the budget is held. */
+/**
+ * Takes `bytes` more of --max-memory for this upload. 0, or -1 with `err`: 503 when other uploads hold the
+ * budget, 413 when this upload needs more than the whole budget (a zstd window or a digest ring on top of the
+ * records: waiting would never help, so no Retry-After invites the client back).
+ */
 static int reserve_memory(ji_upload_t *u, uint64_t bytes, ji_error_t *err)
 {
     ji_server_t *server = u->conn->worker->server;
 
+    if (u->memory + bytes > server->config->max_memory)
+        return ji_error_set(err, JI_ERR_TOO_LARGE, 0, NULL,
+                            "this upload needs %llu bytes of memory (its records, and any zstd window or digest "
+                            "buffer), more than --max-memory %llu bytes: it cannot run on this server",
+                            (unsigned long long)(u->memory + bytes), (unsigned long long)server->config->max_memory);
     if (!ji_budget_reserve(&server->memory_budget, bytes))
         return ji_error_set(err, JI_ERR_BUSY, 0, NULL,
                             "uploads in progress hold the memory budget (--max-memory %llu bytes): retry later",

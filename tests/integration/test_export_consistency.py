@@ -178,6 +178,13 @@ HORIZON_LOCKS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND 
                  "WHERE datname = current_database())")
 
 
+def sessions(db):
+    """Every other session of this database: pid, state, wait event, seconds in its state and its statement."""
+    return db.sql("SELECT string_agg(concat_ws(' ', pid, state, coalesce(wait_event_type || ':' || wait_event, '-'), "
+                  "round(extract(epoch FROM now() - state_change))::text || 's', left(query, 160)), E'\\n') "
+                  "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
 def dechunk(body):
     out, i = [], 0
     while True:
@@ -211,16 +218,20 @@ def test_export_cut_by_the_database_is_a_broken_transfer_for_curl(start_server, 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and p.poll() is None and (not out.exists() or out.stat().st_size < 100_000):
         time.sleep(0.05)
-    got = out.read_bytes()[:300] if out.exists() else b""
-    assert out.exists() and out.stat().st_size >= 100_000, \
-        ("the export did not stream", p.poll(), head.read_text() if head.exists() else "", got)
+    if not (out.exists() and out.stat().st_size >= 100_000):
+        # whether the server stopped reading or sending ("idle in transaction", ClientRead) or the database is still
+        # at work ("active"): the sessions of this database say which side the export waits for
+        pytest.fail(repr(("the export did not stream", p.poll(), head.read_text() if head.exists() else "",
+                          out.read_bytes()[:300] if out.exists() else b"", sessions(db))))
     # the export's connection: the one in a read-only transaction
     db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
            "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
     rc = p.wait(60)
     err = p.stderr.read().decode()
     assert rc == 56 and "chunked" in err, (rc, err)
-    assert out.stat().st_size < 200_000 * 100
+    # cut: not every row (how many got through before the cut depends on the machine's pace, not on the server)
+    with open(out, "rb") as f:
+        assert sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) < 200_000
     assert srv.healthy()
 
 

@@ -571,6 +571,36 @@ def test_sigterm_finishes_the_upload_in_flight_then_exits_0(start_server, db, tm
     check_committed(db, srv.images_dir, recs)
 
 
+def test_stop_and_continue_keeps_every_loop_serving(start_server, db, tmp_path):
+    """SIGSTOP then SIGCONT makes epoll_wait fail with EINTR in every idle loop: the loops go on, the upload in
+    flight (its loop idle, waiting for the body) completes, and new requests and an export are answered."""
+    srv = start_server()
+    recs = records("stop", 8, image_bytes=3000)
+    body = body_of(recs)
+    half = len(body_of(recs[:4]))
+    up = Upload(srv, len(body))
+    try:
+        assert up.send(body[:half])
+        assert helpers.wait_for(lambda: copy_in_progress(db), timeout=10), "no COPY running"
+        time.sleep(0.3)  # every loop back in epoll_wait
+        srv.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)
+        srv.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.5)
+        assert srv.alive(), "the server exited after SIGSTOP/SIGCONT"
+        assert up.send(body[half:]), "the upload in flight was cut"
+        res = up.response()
+    finally:
+        up.close()
+    assert_success(res, inserted=8, images=8, body_bytes=len(body))
+    check_committed(db, srv.images_dir, recs)
+    for _ in range(8):  # connections land on either loop
+        assert srv.healthy()
+    st, _, body = helpers.raw_request(srv.host, srv.port, b"GET /users HTTP/1.1\r\nHost: localhost\r\n"
+                                      b"Connection: close\r\n\r\n")
+    assert st == 200 and body.count(b"\n") == 8, (st, body[:300])
+
+
 # ------------------------------------------------------------------ 11. kill -9, gc, start-up clean-up
 def upload_then_kill(srv, db, tag):
     """Start an upload with images, SIGKILL the server once some images are on disk."""

@@ -6,6 +6,7 @@ uploads of max-size records plus abandoned ones."""
 import base64
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -134,3 +135,19 @@ def test_small_uploads_reserve_for_their_length(start_server, db):
         for c in held:
             c.close()
     assert db.count_users() == 2
+
+
+def test_zstd_upload_needing_more_than_the_whole_budget_is_413_not_a_retry(start_server, db):
+    # JSON Lines fit (1 MiB fixed + 2 x 1 MiB records), but a zstd window on top can never fit in 3 MiB: 413, no
+    # Retry-After (a 503 would send the client back forever); a plain upload still runs
+    srv = start_server(args=["--max-record-bytes", str(MIB), "--max-memory", str(3 * MIB), "--min-body-rate", "0",
+                             "--max-array-memory", str(MIB), "--array-memory-budget", str(MIB)])
+    body = helpers.record_line("z", "z@example.com") + b"\n"
+    packed = subprocess.run(["zstd", "-q", "-c"], input=body, capture_output=True, check=True).stdout
+    st, headers, resp = helpers.raw_request(srv.host, srv.port, helpers.post_head(
+        "/users", length=len(packed), extra=["Content-Encoding: zstd", "Connection: close"]) + packed)
+    assert st == 413 and "retry-after" not in headers and b"--max-memory" in resp, (st, headers, resp)
+    st, _, _ = helpers.raw_request(srv.host, srv.port, helpers.post_head(
+        "/users", length=len(body), extra=["Connection: close"]) + body)
+    assert st == 200
+    assert db.count_users() == 1
