@@ -33,6 +33,7 @@ def test_bench_resumable_quick(admin_db, tmp_path):
         assert int(sent) >= float(mb) * 1e6 * 0.99, f"{name}: {sent} bytes sent for {mb} MB"
     assert re.search(r"^ratio one-patch / post: \d+\.\d\d", r.stdout, re.M), r.stdout
     assert re.search(r"^ratio 8mib / post: \d+\.\d\d", r.stdout, re.M), r.stdout
-    assert "cuts" in rows["flaky"][-1] or re.search(r"^flaky .* [1-9]\d* cuts", r.stdout, re.M), r.stdout
+    assert re.search(r"^flaky .* [1-9]\d* cuts, [1-9]\d* retries", r.stdout, re.M), \
+        f"no drop in the flaky run:\n{r.stdout}"
     assert os.path.getsize(tmp_path / "resumable.tsv") > 0
     assert not [p for p in os.listdir(tmp_path) if p.startswith("ji-bench-resumable-")], "images left behind"
