@@ -25,7 +25,9 @@ typedef enum {
     JI_ERR_NOT_FOUND,       /**< 404: no such route or resource */
     JI_ERR_METHOD,          /**< 405: the route exists, the method does not */
     JI_ERR_TOO_SLOW,        /**< 408: a body slower than --min-body-rate */
-    JI_ERR_CONFLICT,        /**< 409: the Idempotency-Key's first request still runs */
+    JI_ERR_CONFLICT,        /**< 409: the Idempotency-Key's first request still runs; an upload's offset differs */
+    JI_ERR_GONE,            /**< 410: the resumable upload ended (failed or cancelled) */
+    JI_ERR_PRECONDITION,    /**< 412: a Tus-Resumable version other than 1.0.0 */
     JI_ERR_TOO_LARGE,       /**< 413: record or body over a limit */
     JI_ERR_UNSUPPORTED,     /**< 415: unknown format or content encoding */
     JI_ERR_EXPECTATION,     /**< 417: an Expect other than 100-continue */

@@ -38,6 +38,8 @@ typedef struct st_ji_config_t {
     unsigned max_connections;   /**< connections open at once (--max-connections); 0: from the open-files limit */
     unsigned keepalive_timeout_ms; /**< a kept-alive connection idle this long closes (--keepalive-timeout) */
     const char *access_log;        /**< --access-log: a file, "off", or NULL for stderr */
+    unsigned upload_expiry_s;      /**< a resumable upload with no append this long is discarded (--upload-expiry) */
+    uint64_t max_upload_bytes;     /**< largest Upload-Length / offset of a resumable upload (--max-upload-bytes) */
 } ji_config_t;
 
 /** Fills `cfg` from argv and the environment. 0, or -1 after printing the problem to stderr. */

@@ -87,6 +87,20 @@ void ji_conn_close(ji_conn_t *c);
 
 /* ---- upload_stream.c, called by the front door ---- */
 
+/** A resumable upload's request whose upload headers were judged (front_door.c). */
+typedef struct st_ji_resumable_request_t {
+    bool create;                   /**< a creation (tus POST /uploads, draft POST /users), else an append (PATCH) */
+    ji_upload_creation_t creation; /**< a creation's options */
+    const char *metadata;          /**< a creation's Upload-Metadata (in the head), or NULL */
+    size_t metadata_len;
+    ji_ingest_append_t append; /**< the append (a creation's first: its token is set once the row is in) */
+} ji_resumable_request_t;
+
+/**
+ * Starts serving a creation or an append whose head (in c->sock->input) was judged: a creation inserts the row
+ * first (and a draft creation with a body sends 104 with its Location), then the body streams into an append.
+ */
+void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, const ji_resumable_request_t *rr);
 /** Starts serving POST /users whose head (`head`, in c->sock->input) was judged. */
 void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_upload_options_t *options);
 /** Frees the upload (aborting an unfinished ingest, releasing its places). */

@@ -11,6 +11,12 @@
  *                                   relative path, written before the file is
  *                                   created; removed once the request commits
  *                                   or its files are removed
+ *   .pending/<upload key>.<seq>.<16 hex>.list
+ *                                   journal of one append to a resumable
+ *                                   upload (seq: the upload's appends
+ *                                   before it); kept after the append
+ *                                   commits, since its files belong to
+ *                                   staged rows, until the upload ends
  * A journal left behind by a crash names every file a request may have
  * written; `gc` removes those files unless the request committed.
  *
@@ -105,8 +111,35 @@ void ji_image_batch_forget(ji_image_batch_t *b);
 void ji_image_batch_abort(ji_image_batch_t *b);
 
 /**
+ * Starts the files of one append to the resumable upload whose batch key is `upload_key` (32 lowercase hex), the
+ * append being the upload's `seq`-th (its count of committed appends). First removes the files of every unlocked
+ * journal of that same seq: an earlier try of this append that rolled back (a crash, a kill, a takeover) left
+ * them, and none of its rows were staged. ji_image_batch_key gives `upload_key`. After the append commits while
+ * the upload stays open, ji_image_batch_forget keeps files and journal; after the upload commits,
+ * ji_image_batch_commit drops the journal. NULL with `err` filled on failure.
+ */
+ji_image_batch_t *ji_image_batch_begin_append(ji_image_store_t *s, const char *upload_key, uint64_t seq,
+                                              ji_error_t *err);
+
+/**
+ * The upload `upload_key` ended without committing (deleted, expired, failed): removes the files listed in each of
+ * its append journals and the journals. A journal locked by an append still in flight is left to it (it removes
+ * its own files when it fails, and gc settles it otherwise). Counts removed files in `*removed` (may be NULL).
+ * 0, or -1 with `err` filled (it still went through every journal it could).
+ */
+int ji_image_store_drop_upload(ji_image_store_t *s, const char *upload_key, uint64_t *removed,
+                               ji_error_t *err) JI_MUST_CHECK;
+
+/**
+ * The upload `upload_key` committed: drops its append journals, keeping their files (rows of users name them).
+ * 0, or -1 with `err` filled.
+ */
+int ji_image_store_keep_upload(ji_image_store_t *s, const char *upload_key, ji_error_t *err) JI_MUST_CHECK;
+
+/**
  * Removes what crashed requests left: for each journal in .pending, asks `committed(ctx, key)`; 1 keeps the
- * files, 0 removes them, -1 (cannot tell) leaves that journal alone. Then drops the journal. Journals of
+ * files, 0 removes them, -1 (cannot tell, or the upload of an append journal is still open) leaves that journal
+ * alone; an append journal is asked with its upload's key. Then drops the journal. Journals of
  * batches still open (in any process: they hold a lock on their journal) are skipped without asking. A
  * half-written file is listed in its batch's journal like any other and goes with it. Counts removed files in
  * `*removed`. 0, or -1 with `err` filled (gc still went through every journal it could).

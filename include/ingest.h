@@ -38,6 +38,10 @@ typedef struct st_ji_ingest_stats_t {
     _Atomic uint64_t rejected_records;          /**< skip mode: rejected records committed as dead letters */
     _Atomic uint64_t errors[JI_ERR_KIND_COUNT]; /**< failed ingests by ji_error_kind_t */
     _Atomic uint64_t limit_record_bytes;        /**< records over --max-record-bytes */
+    _Atomic uint64_t uploads_created;           /**< resumable uploads created (uploads.c) */
+    _Atomic uint64_t uploads_completed;         /**< resumable uploads committed as a batch (by their last append) */
+    _Atomic uint64_t uploads_expired;           /**< resumable uploads discarded by the expiry sweep */
+    _Atomic uint64_t uploads_resumed;           /**< appends at an offset above 0 that were kept */
 } ji_ingest_stats_t;
 
 /**
@@ -53,6 +57,8 @@ typedef struct st_ji_ingest_env_t {
     size_t max_record_bytes;    /**< --max-record-bytes */
     unsigned idempotency_ttl_s; /**< --idempotency-ttl (0: JI_DEFAULT_IDEMPOTENCY_TTL_S) */
     ji_ingest_stats_t *stats;
+    uint64_t max_upload_bytes; /**< --max-upload-bytes: no append may take an upload past it (0: the default) */
+    unsigned upload_expiry_s;  /**< --upload-expiry: an append moves expires_at to now + this (0: the default) */
     /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */
     uint64_t next_key_sweep_ms;
 } ji_ingest_env_t;
@@ -74,6 +80,27 @@ typedef struct st_ji_ingest_append_t {
     bool completes;                        /**< Upload-Complete: ?1 (draft): the upload ends with this body */
     bool draft;                            /**< the request speaks the IETF draft (else tus 1.0.0) */
 } ji_ingest_append_t;
+
+/**
+ * The upload lock: a transaction advisory lock of two int4 keys, 'U' (85) in the top 8 bits of the first and the
+ * upload_id in the other 56 bits (the export horizon's locks have 'J'). An append holds it from before it reads the
+ * upload's row to its COMMIT or ROLLBACK; whoever must change the upload (a later append, DELETE) takes it after
+ * terminating its holder. `id` is an SQL expression of type bigint.
+ */
+#define JI_UPLOAD_LOCK_TAG_KEY "1426063360" /* 85 << 24 */
+#define JI_UPLOAD_LOCK_ARGS(id)                                                                                        \
+    "((" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32))::int4, ((" id ") & 4294967295)::bit(32)::int4)"
+/** The lock: "SELECT " JI_UPLOAD_LOCK_SQL("$1::bigint"), waits (bounded by the transaction's lock_timeout). */
+#define JI_UPLOAD_LOCK_SQL(id) "pg_advisory_xact_lock" JI_UPLOAD_LOCK_ARGS(id)
+/**
+ * Terminates every other backend holding the upload lock of `id` (their transactions roll back); an expression
+ * giving how many. The lock is free once they are gone: take it with JI_UPLOAD_LOCK_SQL in a later expression.
+ */
+#define JI_UPLOAD_TERMINATE_SQL(id)                                                                                    \
+    "(SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "          \
+    "AND l.objsubid = 2 AND l.classid::bigint = (" JI_UPLOAD_LOCK_TAG_KEY " | ((" id ") >> 32)) "                      \
+    "AND l.objid::bigint = ((" id ") & 4294967295) AND l.pid <> pg_backend_pid() "                                     \
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
 
 typedef struct st_ji_ingest_params_t {
     bool skip_errors;    /**< ?on_error=skip: rejected records are skipped and kept as dead letters */
@@ -139,7 +166,10 @@ void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err);
 
 /**
  * Append only: the client's connection is gone mid-body. The complete lines received are staged and the offset
- * moves past them (as at the end of a body that does not complete the upload); done comes with 204.
+ * moves past them (as at the end of a body that does not complete the upload); done comes with 204 (or the error
+ * that ended the append). The owner may also free the ingest at once instead of waiting: an interrupted ingest
+ * that has not answered yet is not aborted by ji_ingest_free but finishes on its own and frees itself, with no
+ * callback. An ingest that was not streaming yet simply fails.
  */
 void ji_ingest_interrupt(ji_ingest_t *in);
 

@@ -3,7 +3,9 @@
  * decide what serves it before anything else happens. An unknown path is 404
  * and a known path with another method 405 (with its Allow list), both
  * answered from the head alone, without reading a body. Paths are compared
- * byte for byte: no percent-decoding, no dot segments, no trailing slash.
+ * byte for byte: no percent-decoding, no dot segments, no trailing slash. An
+ * upload's token is exactly JI_UPLOAD_TOKEN_CHARS lowercase hex digits: any
+ * other segment after /uploads/ is 404 without a database look-up.
  */
 #ifndef JI_ROUTES_H
 #define JI_ROUTES_H
@@ -21,6 +23,8 @@ typedef enum {
     JI_ROUTE_HEALTHZ,    /**< /healthz */
     JI_ROUTE_READYZ,     /**< /readyz */
     JI_ROUTE_METRICS,    /**< /metrics */
+    JI_ROUTE_UPLOADS,    /**< /uploads: POST creates a resumable upload (tus), OPTIONS its capabilities */
+    JI_ROUTE_UPLOAD,     /**< /uploads/{token}: one resumable upload (HEAD, GET, PATCH, DELETE) */
     JI_ROUTE_COUNT,      /**< not a route: how many there are (the metrics' "other" row: 404s, bad heads) */
 } ji_route_id_t;
 
@@ -28,6 +32,7 @@ typedef struct st_ji_route_t {
     ji_route_id_t id;
     bool upload;       /**< the method makes it an upload (POST /users): bearer token, admission, body */
     bool probe;        /**< a health probe (/healthz, /readyz): no Host check (load balancers send their own) */
+    bool resumable;    /**< a route of resumable uploads (/uploads...): bearer token like an upload */
     const char *allow; /**< the route's methods, for Allow */
 } ji_route_t;
 

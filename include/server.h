@@ -19,6 +19,7 @@
 #include "ingest.h"
 #include "pg.h"
 #include "request_rules.h"
+#include "uploads.h"
 
 typedef struct st_ji_worker_t ji_worker_t;
 
@@ -81,6 +82,7 @@ struct st_ji_worker_t {
     uint64_t refused_unlogged;  /**< connections refused since that line */
     ji_ingest_env_t ingest_env; /**< what this worker's ingests run with */
     ji_ingest_stats_t ingest_stats;
+    ji_upload_sweeper_t upload_sweeper; /**< the expiry sweep of resumable uploads (worker 0 only) */
     ji_worker_stats_t stats;
     ji_request_durations_t request_durations; /**< answered requests by route and status class (/metrics) */
     _Atomic bool draining_busy; /**< stopping: requests still run on this worker (idle connections wait for all) */

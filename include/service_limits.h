@@ -119,6 +119,12 @@
 #define JI_UPLOAD_TOKEN_CHARS 32
 /** --upload-expiry default (seconds): an upload with no append for this long is discarded. */
 #define JI_DEFAULT_UPLOAD_EXPIRY_S 86400
+/** Longest time between two sweeps of expired resumable uploads by the service (seconds; shorter --upload-expiry: that). */
+#define JI_UPLOAD_SWEEP_INTERVAL_S 60
+/** Expired uploads deleted by one sweep statement: a sweep stays short however many expired at once. */
+#define JI_UPLOAD_SWEEP_ROWS 100
+/** Largest --upload-expiry (seconds): one year. */
+#define JI_MAX_UPLOAD_EXPIRY_S (366u * 86400)
 /** --max-upload-bytes default: the largest Upload-Length (and offset) a resumable upload may reach (Tus-Max-Size). */
 #define JI_DEFAULT_MAX_UPLOAD_BYTES (64ull * 1024 * 1024 * 1024)
 /**

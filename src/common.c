@@ -35,6 +35,8 @@ static const struct {
     [JI_ERR_METHOD] = {405, "method"},
     [JI_ERR_TOO_SLOW] = {408, "too_slow"},
     [JI_ERR_CONFLICT] = {409, "conflict"},
+    [JI_ERR_GONE] = {410, "gone"},
+    [JI_ERR_PRECONDITION] = {412, "precondition"},
     [JI_ERR_TOO_LARGE] = {413, "too_large"},
     [JI_ERR_UNSUPPORTED] = {415, "unsupported"},
     [JI_ERR_EXPECTATION] = {417, "expectation"},

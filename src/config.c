@@ -73,6 +73,10 @@ void ji_config_usage(const char *argv0, void *out)
             "  --keepalive-timeout S     close a kept-alive connection idle this many seconds between requests "
             "(default %u)\n",
             JI_DEFAULT_KEEPALIVE_TIMEOUT_S);
+    fprintf(f, "  --upload-expiry S         seconds a resumable upload with no append is kept (default %u)\n",
+            JI_DEFAULT_UPLOAD_EXPIRY_S);
+    fprintf(f, "  --max-upload-bytes N      largest length of a resumable upload (default %llu)\n",
+            (unsigned long long)JI_DEFAULT_MAX_UPLOAD_BYTES);
     fprintf(f, "  --access-log FILE|-|off   one JSON line per request: appended to FILE (reopened on SIGHUP),\n"
                "                            - stderr, off none (default: stderr)\n");
     fprintf(f, "  --help                    this text\n");
@@ -202,6 +206,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         OPT_MAX_CONNECTIONS,
         OPT_KEEPALIVE_TIMEOUT,
         OPT_ACCESS_LOG,
+        OPT_UPLOAD_EXPIRY,
+        OPT_MAX_UPLOAD_BYTES,
         OPT_HELP
     };
     static const struct option options[] = {
@@ -230,6 +236,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         {"max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS},
         {"keepalive-timeout", required_argument, NULL, OPT_KEEPALIVE_TIMEOUT},
         {"access-log", required_argument, NULL, OPT_ACCESS_LOG},
+        {"upload-expiry", required_argument, NULL, OPT_UPLOAD_EXPIRY},
+        {"max-upload-bytes", required_argument, NULL, OPT_MAX_UPLOAD_BYTES},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
     };
@@ -259,6 +267,8 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
     cfg->max_array_memory = JI_DEFAULT_MAX_ARRAY_MEMORY;
     cfg->array_memory_budget = JI_DEFAULT_ARRAY_MEMORY_BUDGET;
     cfg->keepalive_timeout_ms = JI_DEFAULT_KEEPALIVE_TIMEOUT_S * 1000;
+    cfg->upload_expiry_s = JI_DEFAULT_UPLOAD_EXPIRY_S;
+    cfg->max_upload_bytes = JI_DEFAULT_MAX_UPLOAD_BYTES;
 
     if (argc > 1 && strcmp(argv[1], "gc") == 0) {
         cfg->command = JI_CMD_GC;
@@ -290,6 +300,15 @@ int ji_config_parse(ji_config_t *cfg, int argc, char **argv)
         case OPT_MAX_INFLATED:
             if (parse_number("--max-inflated-bytes", optarg, "bytes", 1, UINT64_MAX, NULL, &cfg->max_inflated_bytes) !=
                 0)
+                return -1;
+            break;
+        case OPT_UPLOAD_EXPIRY:
+            if (parse_unsigned("--upload-expiry", optarg, "seconds", JI_MAX_UPLOAD_EXPIRY_S, "JI_MAX_UPLOAD_EXPIRY_S",
+                               &cfg->upload_expiry_s) != 0)
+                return -1;
+            break;
+        case OPT_MAX_UPLOAD_BYTES:
+            if (parse_number("--max-upload-bytes", optarg, "bytes", 1, INT64_MAX, NULL, &cfg->max_upload_bytes) != 0)
                 return -1;
             break;
         case OPT_IDEMPOTENCY_TTL:

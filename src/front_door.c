@@ -18,6 +18,7 @@
 
 #include "conn.h"
 #include "routes.h"
+#include "upload_headers.h"
 
 static void on_read_head(h2o_socket_t *sock, const char *err);
 static void process_head(ji_conn_t *c);
@@ -297,8 +298,9 @@ void ji_conn_respond(ji_conn_t *c, int status, const char *body, size_t len, uns
     ji_text_free(t);
     c->entry.status = status;
     c->close_after = !c->keep_alive || c->body_unread || stopping;
-    ji_text_printf(t, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n", status,
-                   ji_http_reason(status), len);
+    ji_text_printf(t, "HTTP/1.1 %d %s\r\n", status, ji_http_reason(status));
+    if (status != 204) /* a 204 has no body, nor its type or length */
+        ji_text_printf(t, "Content-Type: application/json\r\nContent-Length: %zu\r\n", len);
     if (retry_after != 0)
         ji_text_printf(t, "Retry-After: %u\r\n", retry_after);
     if (extra_headers != NULL)
@@ -331,29 +333,45 @@ void ji_conn_respond_error(ji_conn_t *c, const ji_error_t *err)
     ji_text_free(&body);
 }
 
-/** A refusal from the head alone: the body (if any) is never read, so the connection cannot carry more. */
-static void refuse(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t *err, const char *allow)
+/**
+ * A refusal from the head alone: the body (if any) is never read, so the connection cannot carry more. `extra`:
+ * headers of the answer ("Name: value\r\n"...), or NULL.
+ */
+static void refuse_with(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t *err, const char *extra)
 {
-    char extra[64];
-
     if (head == NULL || ji_request_has_body(head))
         c->body_unread = true; /* the connection closes after the answer */
     else
         h2o_buffer_consume(&c->sock->input, head->head_len);
-    if (allow != NULL) {
+    if (extra != NULL) {
         ji_text_t body = {0};
         ji_response_error_json(&body, err);
-        snprintf(extra, sizeof(extra), "Allow: %s\r\n", allow);
+        fprintf(stderr, "%s: %d %.*s", c->client, ji_error_http_status(err->kind), (int)body.len,
+                body.base != NULL ? body.base : "\n");
         if (body.failed) {
             ji_text_free(&body);
             ji_conn_close(c);
             return;
         }
-        ji_conn_respond(c, ji_error_http_status(err->kind), body.base, body.len, 0, extra);
+        ji_conn_respond(c, ji_error_http_status(err->kind), body.base, body.len, ji_error_retry_after(err->kind),
+                        extra);
         ji_text_free(&body);
         return;
     }
     ji_conn_respond_error(c, err);
+}
+
+/** refuse_with, plus `Allow: <allow>` when `allow` is not NULL (a 405). */
+static void refuse(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t *err, const char *allow)
+{
+    char extra[64];
+
+    if (allow == NULL) {
+        refuse_with(c, head, err, NULL);
+        return;
+    }
+    snprintf(extra, sizeof(extra), "Allow: %s\r\n", allow);
+    refuse_with(c, head, err, extra);
 }
 
 /* ------------------------------------------------------------------ h2o routes */
@@ -396,6 +414,87 @@ void ji_conn_bridge(ji_conn_t *c, const ji_request_head_t *head, h2o_iovec_t ent
     }
 }
 
+/* ------------------------------------------------------------------ resumable uploads */
+
+/** A refusal of a resumable-upload request: the protocol's headers (a 412 names the version spoken). */
+static void refuse_resumable(ji_conn_t *c, const ji_request_head_t *head, const ji_error_t *err, bool draft)
+{
+    const char *extra = draft ? "Upload-Draft-Interop-Version: " JI_DRAFT_INTEROP_VERSION "\r\n"
+                        : err->kind == JI_ERR_PRECONDITION ? "Tus-Resumable: " JI_TUS_VERSION
+                                                             "\r\nTus-Version: " JI_TUS_VERSION "\r\n"
+                                                           : "Tus-Resumable: " JI_TUS_VERSION "\r\n";
+    refuse_with(c, head, err, extra);
+}
+
+/*
+ * The routes of resumable uploads (docs/resumable.md): a creation (tus POST /uploads, draft POST /users) or an
+ * append (PATCH) streams through upload_stream.c; HEAD, GET, DELETE and OPTIONS go to the h2o handlers of
+ * uploads.c. Every upload header is judged here, before a body byte or a statement.
+ */
+static void serve_resumable(ji_conn_t *c, const ji_request_head_t *head, const ji_route_t *route)
+{
+    ji_server_t *server = c->worker->server;
+    bool post = head->method_len == 4 && memcmp(head->method, "POST", 4) == 0;
+    bool patch = head->method_len == 5 && memcmp(head->method, "PATCH", 5) == 0;
+    ji_resumable_request_t rr;
+    ji_upload_headers_t uh;
+    ji_error_t err;
+
+    memset(&rr, 0, sizeof(rr));
+    if (ji_upload_headers_parse(&uh, head, &err) != 0) {
+        refuse_resumable(c, head, &err, route->id == JI_ROUTE_USERS);
+        return;
+    }
+    if (uh.tus_resumable != NULL && !uh.draft &&
+        (uh.tus_resumable->value_len != strlen(JI_TUS_VERSION) ||
+         memcmp(uh.tus_resumable->value, JI_TUS_VERSION, strlen(JI_TUS_VERSION)) != 0) &&
+        !(head->method_len == 7 && memcmp(head->method, "OPTIONS", 7) == 0)) {
+        ji_error_set(&err, JI_ERR_PRECONDITION, 0, NULL, "Tus-Resumable must be " JI_TUS_VERSION);
+        refuse_resumable(c, head, &err, false);
+        return;
+    }
+    if (!post && !patch) {
+        if (ji_request_has_body(head)) {
+            ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "this request takes no body");
+            refuse_resumable(c, head, &err, uh.draft);
+            return;
+        }
+        ji_conn_bridge(c, head, h2o_iovec_init(NULL, 0), NULL);
+        h2o_buffer_consume(&c->sock->input, head->head_len); /* the bridge copied what it needs */
+        return;
+    }
+    if (post) {
+        rr.create = true;
+        if (ji_upload_creation_check(&rr.creation, head, &uh, route->id == JI_ROUTE_USERS,
+                                     server->config->max_upload_bytes, &err) != 0) {
+            refuse_resumable(c, head, &err, route->id == JI_ROUTE_USERS);
+            return;
+        }
+        rr.metadata = uh.metadata;
+        rr.metadata_len = uh.metadata_len;
+        rr.append.draft = rr.creation.draft;
+        rr.append.completes = rr.creation.complete;
+        rr.append.length = rr.creation.has_length ? (int64_t)rr.creation.length : -1;
+    } else {
+        if (ji_upload_append_check(head, &uh, server->config->max_upload_bytes, &err) != 0) {
+            refuse_resumable(c, head, &err, uh.draft);
+            return;
+        }
+        memcpy(rr.append.token, head->path + head->path_len - JI_UPLOAD_TOKEN_CHARS, JI_UPLOAD_TOKEN_CHARS);
+        rr.append.offset = uh.offset;
+        rr.append.length = uh.has_length ? (int64_t)uh.length : -1;
+        rr.append.completes = uh.complete; /* a tus client sends none; ?1 ends an upload of unknown length */
+        rr.append.draft = uh.draft;
+    }
+    if (atomic_load_explicit(&server->stopping, memory_order_relaxed)) {
+        ji_error_set(&err, JI_ERR_STOPPING, 0, NULL, "the server is shutting down: retry on another instance");
+        refuse_resumable(c, head, &err, rr.append.draft);
+        return;
+    }
+    c->state = JI_CONN_UPLOAD;
+    ji_upload_start_resumable(c, head, &rr);
+}
+
 /* ------------------------------------------------------------------ request heads */
 
 static void process_head(ji_conn_t *c)
@@ -428,8 +527,12 @@ static void process_head(ji_conn_t *c)
         refuse(c, &head, &err, err.kind == JI_ERR_METHOD ? route.allow : NULL);
         return;
     }
-    if (ji_request_check_policy(&head, &server->policy, route.upload, !route.probe, &err) != 0) {
+    if (ji_request_check_policy(&head, &server->policy, route.upload || route.resumable, !route.probe, &err) != 0) {
         refuse(c, &head, &err, NULL);
+        return;
+    }
+    if (route.resumable || (route.upload && ji_upload_headers_draft_creation(&head))) {
+        serve_resumable(c, &head, &route);
         return;
     }
     if (route.upload) {

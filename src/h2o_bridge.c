@@ -121,7 +121,9 @@ static void on_empty_write(h2o_timeout_entry_t *entry)
 static h2o_iovec_t flatten_head(ji_bridge_t *b, size_t body_len, bool final)
 {
     h2o_req_t *req = &b->req;
-    bool head_method = h2o_memis(req->input.method.base, req->input.method.len, H2O_STRLIT("HEAD"));
+    /* a HEAD answer and a 204 have no body: no framing (a 204 carries no Content-Length) */
+    bool head_method =
+        h2o_memis(req->input.method.base, req->input.method.len, H2O_STRLIT("HEAD")) || req->res.status == 204;
     bool chunked = h2o_find_header(&req->res.headers, H2O_TOKEN_TRANSFER_ENCODING, -1) != -1;
     size_t cap = 256 + strlen(req->res.reason), len;
     char *buf;

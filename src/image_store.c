@@ -21,6 +21,15 @@
  * that are not exactly one of our paths are ignored, so a damaged journal
  * can never make us unlink anything else.
  *
+ * Appends. Each append to a resumable upload has a journal of its own,
+ * ".pending/<upload key>.<seq>.<16 random hex>.list" (seq: the upload's
+ * committed appends before it), kept after the append commits: its files
+ * belong to staged rows. The next try of the same seq first removes the
+ * files of every unlocked journal of that seq (a try that never
+ * committed); the upload's end drops the journals (committed: files kept)
+ * or removes their files too (failed, deleted, expired). gc asks about the
+ * upload key at the start of the name.
+ *
  * Live or dead. A batch holds flock(LOCK_EX) on its journal from begin until
  * its end, so gc (another thread, the `gc` subcommand, another host on a
  * filesystem with working locks) skips journals of requests in flight. A
@@ -99,6 +108,9 @@
 /** "ab/cd/" + 32 hex + "." + extension */
 #define PATH_PREFIX_LEN 6
 #define PATH_EXT_OFFSET (PATH_PREFIX_LEN + HEX_CHARS + 1)
+/** An append's journal: "<upload key>.<seq>.<16 hex>.list" (seq: up to 20 digits). */
+#define APPEND_TAG_HEX 16
+#define JOURNAL_NAME_CAP (HEX_CHARS + 1 + 20 + 1 + APPEND_TAG_HEX + sizeof(JOURNAL_SUFFIX))
 
 struct st_ji_image_batch_t {
     ji_image_store_t *store;
@@ -107,7 +119,7 @@ struct st_ji_image_batch_t {
     uint64_t journal_size;
     uint64_t count;
     char key[HEX_CHARS + 1];
-    char journal[sizeof(JOURNAL_SUFFIX) + HEX_CHARS]; /**< its name in .pending */
+    char journal[JOURNAL_NAME_CAP]; /**< its name in .pending */
     unsigned char buf[JI_IMAGE_MAGIC_BYTES + JI_BASE64_DECODED_MAX(JI_IMAGE_DECODE_CHUNK)];
 };
 
@@ -235,11 +247,41 @@ static bool is_image_path(const char *s, size_t n)
     return false;
 }
 
-/* "<32 hex>.list" */
+static bool is_digits(const char *s, size_t n)
+{
+    if (n == 0 || n > 20)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+    return true;
+}
+
+/* "<32 hex>.list" (a request), or "<32 hex>.<seq>.<16 hex>.list" (an append to the upload of that key) */
 static bool is_journal_name(const char *name)
 {
-    return strlen(name) == HEX_CHARS + strlen(JOURNAL_SUFFIX) && is_hex(name, HEX_CHARS) &&
-           strcmp(name + HEX_CHARS, JOURNAL_SUFFIX) == 0;
+    size_t len = strlen(name), sfx = strlen(JOURNAL_SUFFIX);
+    const char *dot;
+
+    if (len < HEX_CHARS + sfx || !is_hex(name, HEX_CHARS) || strcmp(name + len - sfx, JOURNAL_SUFFIX) != 0)
+        return false;
+    if (len == HEX_CHARS + sfx)
+        return true;
+    /* the append form */
+    if (name[HEX_CHARS] != '.' || (dot = strchr(name + HEX_CHARS + 1, '.')) == NULL)
+        return false;
+    return is_digits(name + HEX_CHARS + 1, (size_t)(dot - name - HEX_CHARS - 1)) &&
+           (size_t)(name + len - sfx - (dot + 1)) == APPEND_TAG_HEX && is_hex(dot + 1, APPEND_TAG_HEX);
+}
+
+/* An append journal of the upload `key` ("<key>.<anything>.list"), with its seq in *seq. */
+static bool is_upload_journal(const char *name, const char *key, uint64_t *seq)
+{
+    if (!is_journal_name(name) || strlen(name) == HEX_CHARS + strlen(JOURNAL_SUFFIX) ||
+        memcmp(name, key, HEX_CHARS) != 0)
+        return false;
+    *seq = strtoull(name + HEX_CHARS + 1, NULL, 10);
+    return true;
 }
 
 /* ---- opening beneath the images directory, no symlinks ---- */
@@ -501,7 +543,11 @@ close_fail:
 
 /* ---- batches ---- */
 
-ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
+/*
+ * Creates and locks the batch's journal. `upload_key` NULL: a request of its own (a fresh random key,
+ * "<key>.list"); else an append to that upload: "<upload_key>.<seq>.<16 random hex>.list".
+ */
+static ji_image_batch_t *batch_begin(ji_image_store_t *s, const char *upload_key, uint64_t seq, ji_error_t *err)
 {
     ji_image_batch_t *b = malloc(sizeof(*b));
     struct stat st;
@@ -516,7 +562,13 @@ ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
             io_error(err, 0, errno, "getrandom");
             goto fail;
         }
-        snprintf(b->journal, sizeof(b->journal), "%s" JOURNAL_SUFFIX, b->key);
+        if (upload_key == NULL) {
+            snprintf(b->journal, sizeof(b->journal), "%s" JOURNAL_SUFFIX, b->key);
+        } else {
+            snprintf(b->journal, sizeof(b->journal), "%.32s.%llu.%.16s" JOURNAL_SUFFIX, upload_key,
+                     (unsigned long long)seq, b->key);
+            memcpy(b->key, upload_key, HEX_CHARS);
+        }
         fd = openat(s->pending_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, JI_IMAGE_FILE_MODE);
         if (fd < 0) {
             if (errno == EEXIST)
@@ -548,6 +600,11 @@ ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
 fail:
     free(b);
     return NULL;
+}
+
+ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
+{
+    return batch_begin(s, NULL, 0, err);
 }
 
 const char *ji_image_batch_key(const ji_image_batch_t *b)
@@ -835,6 +892,92 @@ void ji_image_batch_abort(ji_image_batch_t *b)
         (void)unlinkat(b->store->pending_fd, b->journal, 0);
     close(b->journal_fd);
     free(b);
+}
+
+/* ---- the journals of a resumable upload ---- */
+
+typedef enum {
+    UPLOAD_REMOVE_FILES, /**< remove the listed files, then the journal */
+    UPLOAD_KEEP_FILES,   /**< drop the journal only (the upload committed) */
+} upload_settle_t;
+
+/*
+ * Settles the unlocked append journals of the upload `key` (all of them, or only those of append `only_seq` when
+ * `one_seq`): locked ones belong to an append in flight, which settles its own. Counts removed files in *removed.
+ * 0, or -1 with `err` filled (it still went through every journal it could).
+ */
+static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uint64_t only_seq, upload_settle_t how,
+                         uint64_t *removed, ji_error_t *err)
+{
+    uint64_t count = 0;
+    int pending_fd, rc = 0;
+    struct dirent *de;
+    DIR *dir;
+
+    if (strlen(key) != HEX_CHARS || !is_hex(key, HEX_CHARS))
+        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "not an upload key");
+    if ((pending_fd = openat(s->pending_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
+        return io_error(err, 0, errno, "cannot open the image journals (" PENDING_DIR ")");
+    if ((dir = fdopendir(pending_fd)) == NULL) {
+        io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
+        close(pending_fd);
+        return -1;
+    }
+    for (errno = 0; (de = readdir(dir)) != NULL; errno = 0) {
+        struct stat st;
+        uint64_t seq;
+        int fd;
+
+        if (!is_upload_journal(de->d_name, key, &seq) || (one_seq && seq != only_seq))
+            continue;
+        if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) < 0) {
+            if (errno != ENOENT && rc == 0)
+                rc = io_error(err, 0, errno, "cannot open an image journal");
+            continue;
+        }
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+            (flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) || fstat(fd, &st) != 0 || st.st_nlink == 0) {
+            close(fd);
+            continue;
+        }
+        if (how == UPLOAD_REMOVE_FILES && remove_listed(s->dir_fd, fd, &count) != 0) {
+            if (rc == 0)
+                rc = ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot remove the files of image journal %s",
+                                  de->d_name);
+            close(fd);
+            continue;
+        }
+        if (unlinkat(pending_fd, de->d_name, 0) != 0 && errno != ENOENT && rc == 0)
+            rc = io_error(err, 0, errno, "cannot remove an image journal");
+        close(fd);
+    }
+    if (errno != 0 && rc == 0)
+        rc = io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
+    closedir(dir);
+    if (removed != NULL)
+        *removed = count;
+    return rc;
+}
+
+ji_image_batch_t *ji_image_batch_begin_append(ji_image_store_t *s, const char *upload_key, uint64_t seq,
+                                              ji_error_t *err)
+{
+    ji_error_t ignored;
+
+    /* a rolled-back append of the same seq (a crash, a kill) left its journal: its files were never staged */
+    if (settle_upload(s, upload_key, true, seq, UPLOAD_REMOVE_FILES, NULL, &ignored) != 0)
+        fprintf(stderr, "upload %s: %s\n", upload_key, ignored.message);
+    return batch_begin(s, upload_key, seq, err);
+}
+
+int ji_image_store_drop_upload(ji_image_store_t *s, const char *upload_key, uint64_t *removed, ji_error_t *err)
+{
+    return settle_upload(s, upload_key, false, 0, UPLOAD_REMOVE_FILES, removed, err);
+}
+
+int ji_image_store_keep_upload(ji_image_store_t *s, const char *upload_key, ji_error_t *err)
+{
+    return settle_upload(s, upload_key, false, 0, UPLOAD_KEEP_FILES, NULL, err);
 }
 
 int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx, uint64_t *removed,

@@ -5,6 +5,12 @@
  * (resume, done). Everything that can fail ends in ji_ingest_abort(), which
  * removes the request's files, drops its transaction and answers with the
  * error. The transaction itself is ingest_tx.c's.
+ *
+ * An append to a resumable upload (params.append) is the same request whose
+ * rows go to upload_rows, with lines numbered from the upload's start; at
+ * the end of a body that does not complete the upload the partial last line
+ * is dropped (drop_partial_line) and only complete lines are staged. A
+ * record that fails it in fail mode fails the whole upload (record_abort).
  */
 #include "ingest_internal.h"
 
@@ -17,6 +23,8 @@
 
 /* ------------------------------------------------------------------ callbacks to the owner */
 
+static void destroy(ji_ingest_t *in);
+
 static void on_defer(h2o_timeout_entry_t *entry)
 {
     ji_ingest_t *in = JI_CONTAINER_OF(entry, ji_ingest_t, defer);
@@ -24,7 +32,13 @@ static void on_defer(h2o_timeout_entry_t *entry)
     if (in->pending_done) {
         in->pending_done = false;
         in->pending_resume = false;
-        in->cb->done(in, in->owner, in->status, in->answer.base, in->answer.len, in->retry_after);
+        if (in->orphan) { /* interrupted, and its owner is gone: nobody to tell */
+            destroy(in);
+            return;
+        }
+        in->done_delivered = true;
+        in->cb->done(in, in->owner, in->status, in->answer.base != NULL ? in->answer.base : "", in->answer.len,
+                     in->retry_after);
         return; /* the owner may have freed `in` */
     }
     if (in->pending_resume) {
@@ -73,10 +87,22 @@ void ji_ingest_abort(ji_ingest_t *in, const ji_error_t *err)
     ji_response_error_json(&in->answer, err);
     atomic_fetch_add_explicit(&in->env->stats->ingests_failed, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->errors[err->kind], 1, memory_order_relaxed);
-    if (err->kind == JI_ERR_TOO_LARGE)
+    if (err->kind == JI_ERR_TOO_LARGE && in->record_fault)
         atomic_fetch_add_explicit(&in->env->stats->limit_record_bytes, 1, memory_order_relaxed);
-    if (!ji_ingest_tx_abort(in))
-        ji_ingest_answer(in); /* else once the key's lock is released */
+    if (ji_ingest_tx_abort(in))
+        return; /* answered once the key's lock is released */
+    if (in->append && in->record_fault && in->upload_id != 0)
+        ji_ingest_tx_fail_upload(in); /* answered once the upload is marked failed */
+    else
+        ji_ingest_answer(in);
+}
+
+/** Fails the request for a record of its body (in an append: the upload fails too). */
+static void record_abort(ji_ingest_t *in, const ji_error_t *err)
+{
+    if (err->kind == JI_ERR_MALFORMED || err->kind == JI_ERR_INVALID || err->kind == JI_ERR_TOO_LARGE)
+        in->record_fault = true;
+    ji_ingest_abort(in, err);
 }
 
 /* ------------------------------------------------------------------ rows */
@@ -122,7 +148,7 @@ static bool too_many_errors(ji_ingest_t *in, const ji_error_t *err)
     ji_error_set(&e, JI_ERR_INVALID, err->line, NULL,
                  "more than max_errors=%" PRIu64 " records rejected; line %" PRIu64 ": %s", in->params.max_errors,
                  err->line, err->message);
-    ji_ingest_abort(in, &e);
+    record_abort(in, &e);
     return true;
 }
 
@@ -158,7 +184,7 @@ static int record_error(ji_ingest_t *in, ji_error_t *err, uint64_t line)
         in->line_failed = true;
         return 0;
     }
-    ji_ingest_abort(in, err);
+    record_abort(in, err);
     return -1;
 }
 
@@ -188,6 +214,14 @@ static int on_record(void *ctx, const ji_record_t *rec, ji_error_t *err)
     size_t n;
 
     (void)err;
+    if (in->append) {
+        /* upload_rows: "<upload_id>\t<line>\t..." (the line where a users row has its batch_id) */
+        size_t id_len = strlen(in->upload_id_text);
+        memcpy(in->copy_buf + in->copy_len, in->upload_id_text, id_len);
+        in->copy_buf[in->copy_len + id_len] = '\t';
+        in->copy_len += id_len + 1;
+        row.batch_id = (int64_t)rec->line;
+    }
     if (in->line_has_image) {
         row.image_path = in->line_image.path;
         row.image_type = in->line_image.mime;
@@ -348,7 +382,7 @@ static bool splitter_ok(ji_ingest_t *in, ji_split_result_t r)
         return in->state != ST_FAILED;
     case JI_SPLIT_TOO_LONG:
         too_long_error(in, &err);
-        ji_ingest_abort(in, &err);
+        record_abort(in, &err);
         return false;
     case JI_SPLIT_ERROR:
         break;
@@ -387,6 +421,22 @@ ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *param
     atomic_fetch_add_explicit(&env->stats->requests, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&env->stats->ingests_in_flight, 1, memory_order_relaxed);
 
+    if (params->append != NULL) {
+        /* the upload's row gives the options, the key, the counts and the image journal (ingest_tx.c) */
+        in->append = true;
+        in->app = *params->append;
+        in->params.append = &in->app;
+        in->params.skip_errors = false;
+        in->params.has_max_errors = false;
+        in->length = -1;
+        in->max_upload = env->max_upload_bytes != 0 ? env->max_upload_bytes : JI_DEFAULT_MAX_UPLOAD_BYTES;
+        if ((in->copy_buf = malloc(JI_COPY_BUFFER_BYTES + JI_COPY_BUFFER_SLACK)) == NULL ||
+            (in->parser = ji_record_parser_new(&record_handler, in)) == NULL || ji_ingest_tx_start(in) != 0) {
+            ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+            ji_ingest_abort(in, &err);
+        }
+        return in;
+    }
     if (params->idempotency_key != NULL) {
         size_t len = strlen(params->idempotency_key);
         /* the request paths check it already; this keeps a bad key out of the database whoever calls */
@@ -426,6 +476,75 @@ ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *param
     return in;
 }
 
+/**
+ * Append: `len` more bytes may not take the upload past its length or --max-upload-bytes (413, nothing of the
+ * append is kept: the client sent more than it announced). False when the request failed.
+ */
+static bool append_fits(ji_ingest_t *in, size_t len)
+{
+    uint64_t end = in->start_offset + in->fed + len;
+    ji_error_t err;
+
+    if (in->length >= 0 && end > (uint64_t)in->length) {
+        ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL,
+                     "the body goes past the upload's length (%" PRId64 " bytes): nothing of it was kept", in->length);
+        ji_ingest_abort(in, &err);
+        return false;
+    }
+    if (end > in->max_upload) {
+        ji_error_set(&err, JI_ERR_TOO_LARGE, 0, NULL,
+                     "the upload would pass --max-upload-bytes (%" PRIu64 " bytes): nothing of the body was kept",
+                     in->max_upload);
+        ji_ingest_abort(in, &err);
+        return false;
+    }
+    return true;
+}
+
+/**
+ * Append that does not complete the upload: a last line without its '\n' is not kept (the client sends it again
+ * from the durable offset): its image file goes, its rejection (skip mode) is not counted, its bytes are not
+ * captured as a dead letter (one kept already, for a line over --max-record-bytes, is deleted with the staging).
+ */
+static void drop_partial_line(ji_ingest_t *in)
+{
+    if (in->fed_to_newline == in->fed)
+        return;
+    forget_line_image(in);
+    if (in->line_failed || in->splitter.skipping) {
+        uint64_t line = ji_splitter_line(&in->splitter);
+        if (in->skipped > 0)
+            in->skipped--;
+        if (in->nreported > 0 && in->reported[in->nreported - 1].line == line)
+            in->nreported--;
+    }
+    in->line_failed = false;
+    if (in->dead != NULL)
+        ji_dead_letters_line_forget(in->dead);
+}
+
+/** Append: whether this body ends the upload (all its bytes are in). Fails the request when it cannot. */
+static bool decide_completion(ji_ingest_t *in)
+{
+    uint64_t end = in->start_offset + in->fed;
+    ji_error_t err;
+
+    if (in->interrupted)
+        in->completing = false;
+    else if (in->app.completes)
+        in->completing = true;
+    else
+        in->completing = in->length >= 0 && end == (uint64_t)in->length;
+    if (in->completing && in->length >= 0 && end != (uint64_t)in->length) {
+        ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL,
+                     "the upload was declared complete after %" PRIu64 " bytes, its length is %" PRId64, end,
+                     in->length);
+        ji_ingest_abort(in, &err);
+        return false;
+    }
+    return true;
+}
+
 /** REPLAY: body bytes are only hashed. */
 static size_t feed_replay(ji_ingest_t *in, const char *data, size_t len)
 {
@@ -446,6 +565,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
         in->refused = true;
         return 0;
     }
+    if (in->append && !append_fits(in, len))
+        return 0;
     for (;;) {
         size_t n = 0;
         r = ji_splitter_feed(&in->splitter, data + consumed, len - consumed, &n);
@@ -459,6 +580,12 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     }
     if (in->digest != NULL)
         ji_request_digest_update(in->digest, data, consumed);
+    if (in->append && consumed > 0) {
+        const char *nl = memrchr(data, '\n', consumed);
+        if (nl != NULL)
+            in->fed_to_newline = in->fed + (uint64_t)(nl - data) + 1;
+        in->fed += consumed;
+    }
     in->bytes += consumed;
     atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
@@ -551,7 +678,11 @@ void ji_ingest_finish_rows(ji_ingest_t *in)
 {
     if (!in->lines_ended) {
         in->lines_ended = true;
-        if (!splitter_ok(in, ji_splitter_finish(&in->splitter)))
+        if (in->append && !decide_completion(in))
+            return;
+        if (in->append && !in->completing)
+            drop_partial_line(in);
+        else if (!splitter_ok(in, ji_splitter_finish(&in->splitter)))
             return;
     }
     if (in->paused)
@@ -581,8 +712,40 @@ void ji_ingest_fail(ji_ingest_t *in, const ji_error_t *err)
     ji_ingest_abort(in, err);
 }
 
+void ji_ingest_interrupt(ji_ingest_t *in)
+{
+    ji_error_t err;
+
+    if (!in->append || in->ended || in->state >= ST_COMMIT)
+        return;
+    in->interrupted = true;
+    if (in->state < ST_STREAMING) {
+        /* nothing of the body was taken yet: nothing to keep */
+        ji_error_set(&err, JI_ERR_MALFORMED, 0, NULL, "the client went away before the body");
+        ji_ingest_abort(in, &err);
+        return;
+    }
+    ji_ingest_end(in);
+}
+
+uint64_t ji_ingest_append_offset(const ji_ingest_t *in)
+{
+    return in->result_offset;
+}
+
 void ji_ingest_free(ji_ingest_t *in)
 {
+    if (in->interrupted && !in->done_delivered) {
+        /* finishes on its own: what it received is staged (or its failure settled), then it frees itself */
+        in->orphan = true;
+        return;
+    }
+    destroy(in);
+}
+
+static void destroy(ji_ingest_t *in)
+{
+    ji_pg_call_cancel(&in->fail_call);
     if (h2o_timeout_is_linked(&in->defer))
         h2o_timeout_unlink(&in->defer);
     if (h2o_timeout_is_linked(&in->tx_step))

@@ -24,7 +24,9 @@
 typedef enum {
     ST_CONNECTING,
     ST_BEGIN,
-    ST_CLAIM, /**< lock_timeout set; with a key: its lock tried, the key looked up (ji_idempotency_claim) */
+    ST_CLAIM,       /**< lock_timeout set; with a key: its lock tried, the key looked up (ji_idempotency_claim) */
+    ST_UP_TAKEOVER, /**< append: the upload found by its token, the holder of its lock terminated */
+    ST_UP_LOCK,     /**< append: the upload's lock taken, its row read */
     ST_BATCH,
     ST_COPY_START,
     ST_STREAMING,
@@ -33,6 +35,11 @@ typedef enum {
     ST_DEAD_LETTERS, /**< the rejected records' COPY */
     ST_SUMMARY,
     ST_KEEP_ANSWER, /**< the answer and digest stored with the key */
+    ST_UP_ERRORS,   /**< append completing in skip mode: the first rejected records of the whole upload read */
+    ST_UP_KEY,      /**< append completing with an Idempotency-Key: the key claimed */
+    ST_UP_BATCH,    /**< append completing: the batch created, the export horizon locked */
+    ST_UP_MOVE,     /**< append completing: the staged rows moved into users */
+    ST_UP_CLOSE,    /**< append: the upload's row updated (staged, or committed) */
     ST_COMMIT,
     ST_DONE,
     ST_FAILED,
@@ -97,6 +104,30 @@ struct st_ji_ingest_t {
     h2o_timeout_entry_t defer;   /**< delivers callbacks from the loop */
     h2o_timeout_entry_t tx_step; /**< the transaction's next slice of work (dead letters) */
     bool pending_resume, pending_done;
+    bool done_delivered; /**< the owner got done */
+
+    /* a resumable upload's append (docs/resumable.md); `append` false for a POST /users */
+    bool append;
+    ji_ingest_append_t app; /**< copied from params.append */
+    bool completing;        /**< the body completes the upload: the end moves every staged row into users */
+    bool interrupted;       /**< ji_ingest_interrupt: the client is gone */
+    bool orphan;            /**< freed by its owner after interrupt: frees itself once it answered */
+    bool record_fault;      /**< the failure is a record's (fail mode): the upload fails with it */
+    bool upload_failing;    /**< the upload is being marked failed before the answer */
+    int64_t upload_id;      /**< 0 until the upload's row was found */
+    char upload_id_text[24];
+    char upload_key[40];     /**< the upload's batch_key: its final batch, its journals */
+    int64_t length;          /**< the upload's length (-1: not known yet) */
+    uint64_t start_offset;   /**< the durable offset the append began at */
+    uint64_t lines_start;    /**< lines before start_offset */
+    uint64_t seq;            /**< the upload's committed appends before this one */
+    uint64_t fed;            /**< body bytes of this append taken */
+    uint64_t fed_to_newline; /**< of them, up to and including the last '\n' */
+    uint64_t result_offset;  /**< ji_ingest_append_offset */
+    uint64_t max_upload;     /**< --max-upload-bytes */
+    ji_pg_call_t fail_call;  /**< marks the upload failed (fail mode) */
+    const char *fail_values[3];
+    char fail_status[8];
 };
 
 
@@ -136,5 +167,9 @@ bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
 uint64_t ji_ingest_lines(const ji_ingest_t *in);
 /** Gives the connection back to be rolled back in the background (the answer does not wait). */
 void ji_ingest_tx_release(ji_ingest_t *in);
+/** Append, fail mode: a record ended the upload. Marks it failed (its staged rows and files dropped), then answers. */
+void ji_ingest_tx_fail_upload(ji_ingest_t *in);
+/** Append: the complete lines are all staged (the COPY of this append's rows ended): stage or finish the upload. */
+void ji_ingest_tx_end_append(ji_ingest_t *in);
 
 #endif

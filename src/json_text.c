@@ -29,7 +29,8 @@ void ji_text_append(ji_text_t *t, const char *s, size_t len)
 {
     if (!reserve(t, len))
         return;
-    memcpy(t->base + t->len, s, len);
+    if (len != 0) /* `s` may be NULL then */
+        memcpy(t->base + t->len, s, len);
     t->len += len;
     t->base[t->len] = '\0';
 }
@@ -121,8 +122,14 @@ void ji_response_error_json(ji_text_t *t, const ji_error_t *err)
 const char *ji_http_reason(int status)
 {
     switch (status) {
+    case 104:
+        return "Upload Resumption Supported";
     case 200:
         return "OK";
+    case 201:
+        return "Created";
+    case 204:
+        return "No Content";
     case 400:
         return "Bad Request";
     case 401:
@@ -137,8 +144,12 @@ const char *ji_http_reason(int status)
         return "Request Timeout";
     case 409:
         return "Conflict";
+    case 410:
+        return "Gone";
     case 411:
         return "Length Required";
+    case 412:
+        return "Precondition Failed";
     case 413:
         return "Payload Too Large";
     case 415:

@@ -31,6 +31,7 @@ typedef struct st_totals_t {
     uint64_t requests, ingests_ok, ingests_failed, ingests_in_flight, records, rejected_records, images, body_bytes;
     uint64_t errors[JI_ERR_KIND_COUNT];
     uint64_t limit_record_bytes;
+    uint64_t uploads_created, uploads_completed, uploads_expired, uploads_resumed;
     /* admission (ji_worker_stats_t) */
     uint64_t limit_ingests, refused_db, limit_client_ingests, limit_body_rate, connections_open, accept_paused;
     uint64_t limit_connections, connections_shed;
@@ -59,6 +60,10 @@ static void gather_ingest(totals_t *t, ji_ingest_stats_t *s)
     for (unsigned k = 0; k < JI_ERR_KIND_COUNT; k++)
         t->errors[k] += LOAD(s->errors[k]);
     t->limit_record_bytes += LOAD(s->limit_record_bytes);
+    t->uploads_created += LOAD(s->uploads_created);
+    t->uploads_completed += LOAD(s->uploads_completed);
+    t->uploads_expired += LOAD(s->uploads_expired);
+    t->uploads_resumed += LOAD(s->uploads_resumed);
 }
 
 static void gather_admission(totals_t *t, ji_worker_stats_t *s)
@@ -203,6 +208,13 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     single(out, "images_total", "counter", "Image files committed.", t->images);
     single(out, "body_bytes_total", "counter", "Request body bytes read by ingests (after chunked framing).",
            t->body_bytes);
+    single(out, "uploads_created_total", "counter", "Resumable uploads created (tus or draft).", t->uploads_created);
+    single(out, "uploads_completed_total", "counter", "Resumable uploads committed as a batch.", t->uploads_completed);
+    single(out, "uploads_expired_total", "counter",
+           "Resumable uploads discarded by this process because no append came within --upload-expiry.",
+           t->uploads_expired);
+    single(out, "uploads_resumed_total", "counter",
+           "Appends to a resumable upload at an offset above 0 that were kept.", t->uploads_resumed);
     family(out, "errors_total", "counter", "Failed ingests by kind of error.");
     for (unsigned k = JI_ERR_NONE + 1; k < JI_ERR_KIND_COUNT; k++)
         ji_text_printf(out, "jsonl_ingest_errors_total{kind=\"%s\"} %" PRIu64 "\n",

@@ -33,6 +33,7 @@
 #include "handler_reply.h"
 #include "json_text.h"
 #include "schema.h"
+#include "uploads.h"
 
 
 /* ------------------------------------------------------------------ h2o handlers */
@@ -309,6 +310,8 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
         .images = &server->images,
         .max_record_bytes = server->config->max_record_bytes,
         .idempotency_ttl_s = server->config->idempotency_ttl_s,
+        .max_upload_bytes = server->config->max_upload_bytes,
+        .upload_expiry_s = server->config->upload_expiry_s,
         .stats = &w->ingest_stats,
     };
     w->listener = h2o_evloop_socket_create(w->ctx.loop, listen_fd, H2O_SOCKET_FLAG_DONT_READ);
@@ -332,6 +335,8 @@ static void *worker_run(void *arg)
         if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
             break;
         ji_front_door_shed(w);
+        if (w == &w->server->workers[0])
+            ji_uploads_sweep_tick(w);
         if (!atomic_load(&w->server->stopping))
             continue;
         if (w->listener != NULL) {
@@ -394,9 +399,23 @@ static void *signal_run(void *arg)
 
 /* ------------------------------------------------------------------ start-up */
 
+/*
+ * gc's verdict on a journal: its batch committed (1: keep the files); the resumable upload of that key is still open
+ * (-1: leave it alone, its staged rows name those files); else 0 (remove them). -1 when the database cannot tell.
+ */
 static int batch_committed(void *ctx, const char *key)
 {
-    return ji_schema_batch_committed(ctx, key);
+    const char *values[1] = {key};
+    PGresult *res;
+    int verdict = ji_schema_batch_committed(ctx, key);
+
+    if (verdict != 0)
+        return verdict;
+    res = PQexecParams(ctx, "SELECT 1 FROM uploads WHERE batch_key = $1 AND state = 'open'", 1, NULL, values, NULL,
+                       NULL, 0);
+    verdict = PQresultStatus(res) != PGRES_TUPLES_OK ? -1 : PQntuples(res) > 0 ? -1 : 0;
+    PQclear(res);
+    return verdict;
 }
 
 /**
@@ -408,7 +427,7 @@ static int prepare_storage(ji_server_t *server, bool quiet)
     const ji_config_t *cfg = server->config;
     PGconn *conn = PQconnectdb(cfg->db);
     ji_error_t err;
-    uint64_t removed = 0;
+    uint64_t removed = 0, expired = 0;
     int ret = -1;
 
     if (PQstatus(conn) != CONNECTION_OK) {
@@ -428,6 +447,10 @@ static int prepare_storage(ji_server_t *server, bool quiet)
         fprintf(stderr, "removed %llu image files left by interrupted requests\n", (unsigned long long)removed);
     if (ji_schema_expire_idempotency_keys(conn, cfg->idempotency_ttl_s, NULL, &err) != 0)
         fprintf(stderr, "cannot clear expired Idempotency-Keys: %s\n", err.message);
+    if (ji_uploads_expire_blocking(conn, &server->images, &expired, &err) != 0)
+        fprintf(stderr, "cannot discard expired uploads: %s\n", err.message);
+    else if (expired != 0)
+        fprintf(stderr, "discarded %llu expired resumable uploads\n", (unsigned long long)expired);
     ret = 0;
 Exit:
     PQfinish(conn);
@@ -463,6 +486,7 @@ static void configure_h2o(ji_server_t *server)
     ji_metrics_register(host);
     ji_reads_register(host);
     ji_batches_register(host);
+    ji_uploads_register(host);
     register_handler(host, "/users", on_users);
     register_handler(host, "/", on_not_found);
 }
@@ -477,6 +501,7 @@ static void worker_dispose(ji_worker_t *w)
         w->listener = NULL;
     }
     ji_front_door_close_all(w);
+    ji_uploads_sweep_dispose(&w->upload_sweeper);
     h2o_evloop_run(loop, 0); /* lets the loop release what the closes above deferred */
     if (w->pg_pool != NULL)
         ji_pg_pool_free(w->pg_pool);

@@ -9,6 +9,13 @@
  * mode through the h2o bridge. A body slower than --min-body-rate is cut. With a
  * Content-Digest, the streamed body is hashed as it is taken from the wire
  * and checked before the ingest may commit.
+ *
+ * Resumable uploads (docs/resumable.md) take the same stream: a creation
+ * first inserts the upload's row (uploads.c), a draft creation with a body
+ * then sends 104 with the upload's Location, and the body is an append of the
+ * ingest (ingest.h); the answer carries the protocol's headers. A client that
+ * goes away mid-append interrupts the ingest, which keeps the complete lines
+ * that arrived.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,8 +28,10 @@
 #include "content_decoder.h"
 #include "content_digest.h"
 #include "ingest.h"
+#include "uploads.h"
 
 typedef enum {
+    UPLOAD_CREATING,  /**< a resumable upload's row is being inserted */
     UPLOAD_SNIFF,     /**< the first body byte decides the format */
     UPLOAD_STREAM,    /**< JSON Lines: streaming into the ingest */
     UPLOAD_ARRAY,     /**< JSON array: reading the body whole */
@@ -63,6 +72,15 @@ struct st_ji_upload_t {
     size_t array_len, array_cap;
     ji_array_request_t array_request;
 
+    /* a resumable upload */
+    bool resumable;
+    ji_resumable_request_t rr; /**< its request (the append's token set once a creation's row is in) */
+    ji_upload_create_t create; /**< a creation's INSERT */
+    time_t expires_at;         /**< a creation's expiry (0: unknown) */
+    bool has_body;             /**< the request carries a body (chunked, or a Content-Length above 0) */
+    bool interim;              /**< a 104 is to be sent before the body is read */
+    char interim_text[256];    /**< the 104 (and a 100 Continue before it) while it is written */
+
     /* --min-body-rate */
     h2o_timeout_entry_t rate_timer; /**< once a second while the body is read */
     uint64_t rate_bytes;            /**< wire bytes read in the current window */
@@ -98,7 +116,9 @@ void ji_upload_free(ji_upload_t *u)
     if (h2o_timeout_is_linked(&u->rate_timer))
         h2o_timeout_unlink(&u->rate_timer);
     if (u->ingest != NULL)
-        ji_ingest_free(u->ingest); /* aborts an unfinished request */
+        ji_ingest_free(u->ingest); /* aborts an unfinished request (an interrupted append finishes on its own) */
+    if (u->resumable)
+        ji_upload_create_dispose(&u->create);
     ji_array_mode_release(&u->array_request.admission);
     if (u->admitted)
         ji_server_release_ingest(w);
@@ -121,13 +141,45 @@ static void answer(ji_upload_t *u, int status, const char *body, size_t len, uns
 
     u->state = UPLOAD_ANSWERED;
     c->body_unread = !ji_body_decoder_done(&u->body);
-    if (status != 200)
+    if (status >= 300)
         c->keep_alive = false; /* a failed upload ends its connection, whatever was read of it */
     ji_conn_respond(c, status, body, len, retry_after, NULL);
 }
 
+/** A resumable upload's answer: `status` with the protocol's headers (`extra`) and a JSON body (may be empty). */
+static void answer_with(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after,
+                        const char *extra)
+{
+    ji_conn_t *c = u->conn;
+
+    u->state = UPLOAD_ANSWERED;
+    c->body_unread = !ji_body_decoder_done(&u->body);
+    if (status >= 300)
+        c->keep_alive = false;
+    ji_conn_respond(c, status, body, len, retry_after, extra);
+}
+
 static void answer_error(ji_upload_t *u, const ji_error_t *err)
 {
+    if (u->resumable) { /* with the protocol's headers */
+        ji_text_t body = {0}, extra = {0};
+        ji_response_error_json(&body, err);
+        ji_upload_headers_write(&extra, u->rr.append.draft, u->rr.append.token, false, -1, -1, 0);
+        fprintf(stderr, "%s: %d %.*s", u->conn->client, ji_error_http_status(err->kind), (int)body.len,
+                body.base != NULL ? body.base : "\n");
+        if (body.failed || extra.failed) {
+            ji_text_free(&body);
+            ji_text_free(&extra);
+            ji_conn_close(u->conn);
+            return;
+        }
+        u->conn->body_unread = !ji_body_decoder_done(&u->body);
+        answer_with(u, ji_error_http_status(err->kind), body.base, body.len, ji_error_retry_after(err->kind),
+                    extra.base);
+        ji_text_free(&body);
+        ji_text_free(&extra);
+        return;
+    }
     u->state = UPLOAD_ANSWERED;
     u->conn->body_unread = !ji_body_decoder_done(&u->body);
     u->conn->keep_alive = false;
@@ -140,6 +192,8 @@ static void fail(ji_upload_t *u, const ji_error_t *err)
     if (u->state == UPLOAD_ANSWERED)
         return;
     ji_conn_pause_reading(u->conn);
+    if (u->state == UPLOAD_CREATING)
+        ji_upload_create_dispose(&u->create);
     if (u->ingest != NULL)
         ji_ingest_fail(u->ingest, err);
     else
@@ -248,9 +302,37 @@ static void send_continue(ji_upload_t *u)
     h2o_socket_write(u->conn->sock, &line, 1, on_continue_written);
 }
 
-/** Reads body bytes (after the 100 Continue when the client waits for one). */
+/**
+ * A draft creation with a body: `104 Upload Resumption Supported` with the upload's Location, before the body is
+ * read (after a 100 Continue when the client waits for one: both in one write).
+ */
+static void send_interim(ji_upload_t *u)
+{
+    char *text = u->interim_text;
+    size_t cap = sizeof(u->interim_text);
+    h2o_iovec_t buf;
+    int n;
+
+    u->interim = false;
+    n = snprintf(text, cap,
+                 "%sHTTP/1.1 104 Upload Resumption Supported\r\nUpload-Draft-Interop-Version: " JI_DRAFT_INTEROP_VERSION
+                 "\r\nLocation: /uploads/%s\r\n\r\n",
+                 u->expect_continue && !u->continue_sent ? "HTTP/1.1 100 Continue\r\n\r\n" : "", u->rr.append.token);
+    if (n < 0 || (size_t)n >= cap)
+        return; /* cannot happen: a token is 32 characters */
+    u->continue_sent = true;
+    ji_conn_pause_reading(u->conn);
+    buf = h2o_iovec_init(text, (size_t)n);
+    h2o_socket_write(u->conn->sock, &buf, 1, on_continue_written);
+}
+
+/** Reads body bytes (after the 100 Continue when the client waits for one, or the 104 of a draft creation). */
 static void read_body(ji_upload_t *u)
 {
+    if (u->interim) {
+        send_interim(u);
+        return;
+    }
     if (u->expect_continue && !u->continue_sent) {
         send_continue(u);
         return;
@@ -272,11 +354,32 @@ static void on_ingest_resume(ji_ingest_t *in, void *owner)
         read_body(u);
 }
 
+static void answer_resumable(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after,
+                             uint64_t offset);
+
 static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len, unsigned retry_after)
 {
     ji_upload_t *u = owner;
     ji_text_t copy = {0};
 
+    if (u->resumable) {
+        uint64_t offset = ji_ingest_append_offset(in);
+        if (status >= 300)
+            fprintf(stderr, "%s: %s /uploads/%s %d %.*s", u->conn->client, u->rr.create ? "POST" : "PATCH",
+                    u->rr.append.token, status, (int)len, body);
+        ji_text_append(&copy, body, len);
+        ji_ingest_outcome(in, &u->outcome);
+        ji_ingest_free(in);
+        u->ingest = NULL;
+        if (copy.failed) {
+            ji_text_free(&copy);
+            ji_conn_close(u->conn);
+            return;
+        }
+        answer_resumable(u, status, copy.base, copy.len, retry_after, offset);
+        ji_text_free(&copy);
+        return;
+    }
     if (status != 200)
         fprintf(stderr, "%s: POST /users %d %.*s", u->conn->client, status, (int)len, body);
     /* `body` belongs to the ingest: copy it, free the ingest, then answer (which may close the connection) */
@@ -559,6 +662,11 @@ static bool sniff(ji_upload_t *u, size_t avail)
         r = ji_body_decoder_done(&u->body) || avail >= JI_MAX_SNIFF_BYTES ? 0 : -1;
     if (r < 0)
         return false; /* not yet */
+    if (r == 1 && u->params.append != NULL) {
+        ji_error_set(&err, JI_ERR_UNSUPPORTED, 0, NULL, "an upload's body is JSON Lines, not a JSON array");
+        fail(u, &err);
+        return true;
+    }
     if ((r == 1 ? start_array(u, &err) : start_stream(u, &err)) != 0) {
         fail(u, &err);
         return true;
@@ -605,7 +713,10 @@ static void on_read_body(h2o_socket_t *sock, const char *err)
     ji_upload_t *u = c->upload;
 
     if (err != NULL) {
-        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed) */
+        /* the client went away mid-upload: closing aborts the ingest (rollback, files removed); an append keeps
+         * the complete lines it received and finishes on its own */
+        if (u->ingest != NULL && u->params.append != NULL && u->state == UPLOAD_STREAM)
+            ji_ingest_interrupt(u->ingest);
         ji_conn_close(c);
         return;
     }
@@ -629,7 +740,12 @@ void ji_upload_outcome(const ji_upload_t *u, ji_access_entry_t *e)
 
 /* ------------------------------------------------------------------ start */
 
-void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_upload_options_t *options)
+/**
+ * The upload object and its places, before any body byte is read: NULL when it answered already. The head stays
+ * in the input buffer (copied into head_copy).
+ */
+static ji_upload_t *upload_begin(ji_conn_t *c, const ji_request_head_t *head, const ji_upload_options_t *options,
+                                 const ji_resumable_request_t *rr)
 {
     ji_worker_t *w = c->worker;
     ji_upload_t *u = calloc(1, sizeof(*u));
@@ -639,7 +755,12 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         c->body_unread = true;
         ji_conn_respond_error(c, &err);
-        return;
+        return NULL;
+    }
+    if (rr != NULL) {
+        u->resumable = true;
+        u->rr = *rr;
+        u->params.append = &u->rr.append;
     }
     c->upload = u;
     u->conn = c;
@@ -653,7 +774,7 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
     u->params.has_max_errors = options->has_max_errors;
     u->params.max_errors = options->max_errors;
     u->params.idempotency_key = options->idempotency_key[0] != '\0' ? u->options.idempotency_key : NULL;
-    c->body_unread = ji_request_has_body(head);
+    c->body_unread = u->has_body = ji_request_has_body(head);
     if (head->chunked)
         ji_body_decoder_init_chunked(&u->body);
     else
@@ -664,25 +785,36 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
     if (ji_client_slots_take(&w->server->client_slots, c->client, &err) != 0) {
         atomic_fetch_add_explicit(&w->stats.limit_client_ingests, 1, memory_order_relaxed);
         answer_error(u, &err);
-        return;
+        return NULL;
     }
     u->client_slot = true;
     if (ji_server_admit_ingest(w, &err) != 0) {
         answer_error(u, &err);
-        return;
+        return NULL;
     }
     u->admitted = true;
     if (reserve_memory(u, JI_UPLOAD_FIXED_BYTES, &err) != 0) {
         answer_error(u, &err);
-        return;
+        return NULL;
     }
     if ((u->head_copy = malloc(head->head_len)) == NULL) {
         ji_error_set(&err, JI_ERR_INTERNAL, 0, NULL, "out of memory");
         answer_error(u, &err);
-        return;
+        return NULL;
     }
     memcpy(u->head_copy, c->sock->input->bytes, head->head_len);
     u->head_len = head->head_len;
+    return u;
+}
+
+void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_upload_options_t *options)
+{
+    ji_worker_t *w = c->worker;
+    ji_upload_t *u = upload_begin(c, head, options, NULL);
+    ji_error_t err;
+
+    if (u == NULL)
+        return;
     h2o_buffer_consume(&c->sock->input, head->head_len);
 
     if (options->format != JI_FORMAT_UNDECIDED) {
@@ -695,4 +827,125 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
         h2o_timeout_link(w->ctx.loop, &w->ctx.one_sec_timeout, &u->rate_timer);
     if (u->state != UPLOAD_STREAM)
         read_body(u); /* a stream reads once its ingest is ready */
+}
+
+/* ------------------------------------------------------------------ resumable uploads */
+
+/** The answer of an append (or of a creation's first append) from the ingest's done status. */
+static void answer_resumable(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after,
+                             uint64_t offset)
+{
+    ji_worker_t *w = u->conn->worker;
+    const ji_ingest_append_t *a = &u->rr.append;
+    time_t expires = time(NULL) + (time_t)w->server->config->upload_expiry_s;
+    ji_text_t extra = {0};
+    bool create = u->rr.create;
+
+    if ((status == 200 || status == 204) && a->offset > 0)
+        atomic_fetch_add_explicit(&w->ingest_stats.uploads_resumed, 1, memory_order_relaxed);
+    if (status == 200) { /* the upload committed */
+        atomic_fetch_add_explicit(&w->ingest_stats.uploads_completed, 1, memory_order_relaxed);
+        ji_upload_headers_write(&extra, a->draft, a->token, create, (int64_t)offset, 1, 0);
+        if (u->outcome.batch_id != 0)
+            ji_text_printf(&extra, "Content-Location: /batches/%lld\r\n", (long long)u->outcome.batch_id);
+        if (!a->draft) { /* tus: the body is not part of the protocol's answer */
+            status = create ? 201 : 204;
+            len = 0;
+        }
+    } else if (status == 204) { /* kept: the upload goes on */
+        ji_upload_headers_write(&extra, a->draft, a->token, create, (int64_t)offset, 0, expires);
+        if (create)
+            status = 201;
+        len = 0;
+    } else if (status == 409) { /* the client's offset is not the upload's */
+        ji_upload_headers_write(&extra, a->draft, a->token, false, (int64_t)offset, 0, 0);
+    } else {
+        ji_upload_headers_write(&extra, a->draft, a->token, create, -1, -1, 0);
+    }
+    if (extra.failed) {
+        ji_text_free(&extra);
+        ji_conn_close(u->conn);
+        return;
+    }
+    answer_with(u, status, body, len, retry_after, extra.base);
+    ji_text_free(&extra);
+}
+
+/** The body (of an append, or a creation's first) streams into an append ingest. */
+static void start_append(ji_upload_t *u)
+{
+    ji_error_t err;
+
+    if (start_stream(u, &err) != 0) {
+        answer_error(u, &err);
+        return;
+    }
+    if (config_of(u)->min_body_rate != 0)
+        h2o_timeout_link(u->conn->worker->ctx.loop, &u->conn->worker->ctx.one_sec_timeout, &u->rate_timer);
+}
+
+/** A creation's row is in: answer 201 when there is nothing to append, else stream the body as the first append. */
+static void on_created(ji_upload_create_t *cr, const char *db_err)
+{
+    ji_upload_t *u = JI_CONTAINER_OF(cr, ji_upload_t, create);
+    ji_worker_t *w = u->conn->worker;
+    const ji_upload_creation_t *c = &u->rr.creation;
+    ji_error_t err;
+    bool body = u->has_body;
+
+    if (u->state != UPLOAD_CREATING)
+        return;
+    if (db_err != NULL) {
+        fprintf(stderr, "%s: creating an upload: database: %s\n", u->conn->client, db_err);
+        ji_error_set(&err, JI_ERR_DB, 0, NULL, "database unavailable: the upload was not created");
+        answer_error(u, &err);
+        return;
+    }
+    atomic_fetch_add_explicit(&w->ingest_stats.uploads_created, 1, memory_order_relaxed);
+    memcpy(u->rr.append.token, cr->token, sizeof(u->rr.append.token));
+    u->expires_at = cr->expires_at;
+    /* an empty upload that is complete at once (draft ?1, or a tus length of 0) commits through an empty append */
+    if (!body && !(c->draft && c->complete) && !(!c->draft && c->has_length && c->length == 0)) {
+        ji_text_t extra = {0};
+        ji_upload_headers_write(&extra, c->draft, cr->token, true, c->draft ? 0 : -1, c->draft ? 0 : -1,
+                                cr->expires_at);
+        if (extra.failed) {
+            ji_text_free(&extra);
+            ji_conn_close(u->conn);
+            return;
+        }
+        answer_with(u, 201, "", 0, 0, extra.base);
+        ji_text_free(&extra);
+        return;
+    }
+    u->interim = c->draft && body;
+    u->state = UPLOAD_SNIFF; /* start_stream moves on to UPLOAD_STREAM */
+    start_append(u);
+}
+
+void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, const ji_resumable_request_t *rr)
+{
+    ji_upload_options_t options = rr->create ? rr->creation.options : (ji_upload_options_t){0};
+    ji_upload_t *u;
+    ji_error_t err;
+
+    options.format = JI_FORMAT_JSONL;
+    options.encoding = JI_ENCODING_IDENTITY;
+    memset(&options.digest, 0, sizeof(options.digest));
+    if ((u = upload_begin(c, head, &options, rr)) == NULL)
+        return;
+    if (rr->create) {
+        u->state = UPLOAD_CREATING;
+        ji_conn_pause_reading(c);
+        if (ji_upload_create_start(&u->create, c->worker, &u->rr.creation, rr->metadata, rr->metadata_len, on_created,
+                                   &err) != 0) {
+            h2o_buffer_consume(&c->sock->input, head->head_len);
+            answer_error(u, &err);
+            return;
+        }
+        h2o_buffer_consume(&c->sock->input, head->head_len); /* the metadata was copied */
+        return;
+    }
+    h2o_buffer_consume(&c->sock->input, head->head_len);
+    start_append(u);
 }
