@@ -83,8 +83,10 @@ class FlakyProxy:
             self._server.close()
             for w in self._hanging:
                 w.transport.abort()
-            for t in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
@@ -184,13 +186,13 @@ class FlakyProxy:
         up = asyncio.ensure_future(client_to_server())
         down = asyncio.ensure_future(server_to_client())
         waiter = asyncio.ensure_future(cut.wait())
+        both = asyncio.gather(up, down, return_exceptions=True)
         try:
-            await asyncio.wait({waiter, asyncio.ensure_future(asyncio.gather(up, down, return_exceptions=True))},
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, both}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            up.cancel()
-            down.cancel()
-            waiter.cancel()
+            for t in (up, down, waiter, both):
+                t.cancel()
+            await asyncio.gather(up, down, waiter, both, return_exceptions=True)
             if not cut.is_set():
                 cwriter.close()
                 swriter.close()
