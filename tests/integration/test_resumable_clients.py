@@ -398,3 +398,30 @@ def test_585mb_in_8mib_appends_bounded_memory(node_client, start_server, db, wor
         assert hwm_kib / 1024 < PEAK_RSS_LIMIT_MIB, f"peak RSS {hwm_kib / 1024:.1f} MiB >= {PEAK_RSS_LIMIT_MIB} MiB"
     finally:
         shutil.rmtree(os.path.dirname(gen.path), ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("protocol", ["tus", "ietf"])
+def test_scripts_upload_prints_the_answer(node_client, start_server, db, tmp_path, protocol):
+    """scripts/upload FILE URL: stdout is the batch's POST /users JSON, stderr says where the upload went and
+    how it ended (no terminal: plain lines); --metadata reaches the upload (skip mode keeps a bad record aside)."""
+    srv = start_server()
+    body = helpers.good_body("su", n=30) + b'{"name": "bad"}\n' + helpers.good_body("sv", n=5)
+    path = helpers.write(tmp_path / "up.jsonl", body)
+    r = subprocess.run([os.path.join(helpers.ROOT, "scripts", "upload"), path, srv.base, "--protocol", protocol,
+                        "--chunk-size", "4096", "--metadata", "on_error=skip"],
+                       capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"scripts/upload exited {r.returncode}\n{r.stdout}\n{r.stderr}"
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: answer.get(k) for k in ("inserted", "skipped", "lines", "images", "bytes")} == \
+        {"inserted": 35, "skipped": 1, "lines": 36, "images": 35, "bytes": len(body)}, answer
+    assert db.count_users() == 35
+    assert "upload URL http://127.0.0.1:" in r.stderr and "done:" in r.stderr, r.stderr
+    assert "\r" not in r.stderr, "progress drew a terminal line into a pipe"
+
+    bad = subprocess.run([os.path.join(helpers.ROOT, "scripts", "upload"), path, srv.base, "--protocol", protocol,
+                          "--retries", "0"], capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 1, f"a failing upload exited {bad.returncode}\n{bad.stdout}\n{bad.stderr}"
+    err = json.loads(bad.stdout.strip().splitlines()[-1])
+    assert err.get("line") == 31, err
+    assert db.count_users() == 35, "the failed upload committed rows"
