@@ -3,8 +3,9 @@
  * stay open (--max-connections, --keepalive-timeout): reads each
  * request head, puts it through the same rules whatever came before on the
  * connection (request_rules.c, routes.c), then hands the request to the stage
- * that serves it (upload_stream.c for POST /users, the h2o bridge for the
- * rest) and writes answers of its own. After each answer the connection comes
+ * that serves it (upload_stream.c for POST /users and for the creations and
+ * appends of resumable uploads, whose upload headers are judged here first;
+ * the h2o bridge for the rest) and writes answers of its own. After each answer the connection comes
  * back here (keep-alive, pipelining) or lingers and closes.
  */
 #include "front_door.h"

@@ -1157,10 +1157,11 @@ static void on_upload_failed(ji_pg_call_t *call, PGresult *res, const char *err)
     uint64_t removed = 0;
     ji_error_t e;
 
-    (void)res;
     if (err != NULL)
         fprintf(stderr, "upload %s: marking it failed: %s\n", in->upload_key, err);
-    else if (ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
+    /* no row updated: the upload is no longer open (a later append completed it meanwhile), its files stay */
+    else if (res != NULL && strcmp(PQcmdTuples(res), "1") == 0 &&
+             ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
         fprintf(stderr, "upload %s: %s\n", in->upload_key, e.message);
     ji_ingest_answer(in);
 }

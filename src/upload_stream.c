@@ -79,6 +79,7 @@ struct st_ji_upload_t {
     time_t expires_at;         /**< a creation's expiry (0: unknown) */
     bool has_body;             /**< the request carries a body (chunked, or a Content-Length above 0) */
     bool interim;              /**< a 104 is to be sent before the body is read */
+    bool http11;               /**< the client speaks HTTP/1.1 (1xx answers allowed) */
     char interim_text[256];    /**< the 104 (and a 100 Continue before it) while it is written */
 
     /* --min-body-rate */
@@ -831,6 +832,25 @@ void ji_upload_start(ji_conn_t *c, const ji_request_head_t *head, const ji_uploa
 
 /* ------------------------------------------------------------------ resumable uploads */
 
+/**
+ * The batch of a committed upload: the one this append committed, else the one its answer names (an upload whose
+ * Idempotency-Key committed another batch meanwhile answers that batch's kept answer). 0: none.
+ */
+static long long batch_id_of(const ji_upload_t *u, const char *body, size_t len)
+{
+    static const char key[] = "\"batch_id\":";
+    const char *p;
+
+    if (u->outcome.batch_id != 0)
+        return (long long)u->outcome.batch_id;
+    if (body == NULL || (p = memmem(body, len, key, sizeof(key) - 1)) == NULL)
+        return 0;
+    p += sizeof(key) - 1;
+    while (p < body + len && *p == ' ')
+        p++;
+    return p < body + len && *p >= '0' && *p <= '9' ? strtoll(p, NULL, 10) : 0;
+}
+
 /** The answer of an append (or of a creation's first append) from the ingest's done status. */
 static void answer_resumable(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after,
                              uint64_t offset)
@@ -846,8 +866,8 @@ static void answer_resumable(ji_upload_t *u, int status, const char *body, size_
     if (status == 200) { /* the upload committed */
         atomic_fetch_add_explicit(&w->ingest_stats.uploads_completed, 1, memory_order_relaxed);
         ji_upload_headers_write(&extra, a->draft, a->token, create, (int64_t)offset, 1, 0);
-        if (u->outcome.batch_id != 0)
-            ji_text_printf(&extra, "Content-Location: /batches/%lld\r\n", (long long)u->outcome.batch_id);
+        if (batch_id_of(u, body, len) > 0)
+            ji_text_printf(&extra, "Content-Location: /batches/%lld\r\n", batch_id_of(u, body, len));
         if (!a->draft) { /* tus: the body is not part of the protocol's answer */
             status = create ? 201 : 204;
             len = 0;
@@ -918,8 +938,8 @@ static void on_created(ji_upload_create_t *cr, const char *db_err)
         ji_text_free(&extra);
         return;
     }
-    u->interim = c->draft && body;
-    u->state = UPLOAD_SNIFF; /* start_stream moves on to UPLOAD_STREAM */
+    u->interim = c->draft && body && u->http11; /* no interim answer to an HTTP/1.0 client */
+    u->state = UPLOAD_SNIFF;                    /* start_stream moves on to UPLOAD_STREAM */
     start_append(u);
 }
 
@@ -934,6 +954,7 @@ void ji_upload_start_resumable(ji_conn_t *c, const ji_request_head_t *head, cons
     memset(&options.digest, 0, sizeof(options.digest));
     if ((u = upload_begin(c, head, &options, rr)) == NULL)
         return;
+    u->http11 = head->minor_version >= 1;
     if (rr->create) {
         u->state = UPLOAD_CREATING;
         ji_conn_pause_reading(c);

@@ -286,7 +286,10 @@ static void add_header(h2o_req_t *req, const char *name, const char *fmt, ...)
                           h2o_strdup(&req->pool, buf, n).base, (size_t)n);
 }
 
-/** 404 (unknown or expired) or 410 (ended): false when the row is a live upload to answer about. */
+/**
+ * 404 (unknown or expired) or 410 (ended; a GET gets the state, whose answer is the failure): false when the row
+ * is a live upload to answer about.
+ */
 static bool answer_missing(h2o_req_t *req, PGresult *res, const char *token)
 {
     const char *state;
@@ -298,6 +301,20 @@ static bool answer_missing(h2o_req_t *req, PGresult *res, const char *token)
     }
     state = PQgetvalue(res, 0, COL_STATE);
     if (strcmp(state, "failed") == 0 || strcmp(state, "cancelled") == 0) {
+        if (h2o_memis(req->method.base, req->method.len, H2O_STRLIT("GET"))) {
+            /* the state, whose answer is the failure: how a client that lost the PATCH's answer learns why */
+            ji_text_t t = {0};
+            ji_text_append(&t, PQgetvalue(res, 0, COL_JSON), (size_t)PQgetlength(res, 0, COL_JSON));
+            ji_text_append(&t, "\n", 1);
+            if (t.failed) {
+                ji_text_free(&t);
+                ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
+                return true;
+            }
+            ji_reply_json(req, 410, t.base, t.len, 0); /* copied */
+            ji_text_free(&t);
+            return true;
+        }
         ji_reply_errorf(req, JI_ERR_GONE, "upload %s ended (%s): create a new one", token, state);
         return true;
     }

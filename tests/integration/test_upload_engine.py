@@ -58,7 +58,7 @@ def patch(srv, token, offset, body, **kw):
         assert st == 200, got
         kept = json.loads(got)
         assert r.headers["content-location"] == kept["batch_url"], (r, kept)
-        r = helpers.RawResponse(kept["answer_status"], "OK", r.headers, json.dumps(kept["answer"]).encode(), r.interim)
+        r = helpers.RawResponse(kept["answer_status"], "OK", r.headers, (json.dumps(kept["answer"], separators=(",", ":")) + "\n").encode(), r.interim)
     return r
 
 
@@ -395,3 +395,43 @@ def test_an_upload_whose_key_committed_meanwhile_answers_the_kept_answer(srv, db
         f"committed,{p.json()['batch_id']}"
     assert db.sql("SELECT count(*) FROM upload_rows") == "0"
     assert helpers.all_files(images_dir) == [], "the dropped upload's files were removed"
+
+
+def test_an_oversize_line_cut_by_an_append_is_rejected_once(start_server, db):
+    srv = start_server(args=["--max-record-bytes", "2000"])
+    big = b'{"name": "big", "email": "big@example.com", "pad": "' + b"x" * 5000 + b'"}'
+    body = body_of(2, image=False) + big + b"\n" + body_of(2, "z", image=False)
+    token, _ = create_upload(db, length=len(body), skip=True)
+    cut = body.index(big) + 3000  # past the limit: the line's dead letter is kept already
+    r = append_in_pieces(srv, token, body, [cut])[-1]
+    assert r.status == 200, r
+    a = r.json()
+    assert (a["inserted"], a["skipped"], a["lines"]) == (4, 1, 5), a
+    assert db.sql(f"SELECT concat_ws(',', line, truncated) FROM rejected_records "
+                  f"WHERE batch_id = {a['batch_id']}") == "3,t"
+
+
+def test_completion_flag_before_the_length_is_refused_and_keeps_nothing(srv, db):
+    body = body_of(3, image=False)
+    token, _ = create_upload(db, length=len(body) + 10)
+    r = patch(srv, token, 0, body, complete=True)
+    assert r.status == 400, r
+    assert upload_row(db, token) == "open,0,0,0,0,0"
+    r = patch(srv, token, 0, body)
+    assert r.status == 204 and offset_of(r) == len(body), r
+
+
+def test_a_length_over_the_maximum_and_a_cancelled_upload_are_refused(srv, db):
+    token, _ = create_upload(db)
+    r = patch(srv, token, 0, b"", upload_length=64 * 1024 ** 3 + 1)
+    assert r.status == 413, r
+    r = patch(srv, token, 0, b"", upload_length=64 * 1024 ** 3)
+    assert r.status == 204, r
+    assert db.sql(f"SELECT length FROM uploads WHERE token = '{token}'") == str(64 * 1024 ** 3)
+    db.sql(f"UPDATE uploads SET state = 'cancelled' WHERE token = '{token}'")
+    r = patch(srv, token, 0, b"")
+    assert r.status == 410, r
+    token, _ = create_upload(db)
+    db.sql(f"UPDATE uploads SET expires_at = now() - interval '1 second' WHERE token = '{token}'")
+    r = patch(srv, token, 0, b"")
+    assert r.status == 404, r

@@ -442,6 +442,10 @@ def test_failed_upload_is_410(server):
     assert r.status == 400 and r.json()["line"] == 2, r
     for method in ("HEAD", "GET", "DELETE"):
         assert call(server, method, loc, TUS).status == 410, method
+    g = call(server, "GET", loc)
+    s = g.json()
+    assert g.status == 410 and s["state"] == "failed" and s["answer_status"] == 400, s
+    assert s["answer"] == r.json(), s
 
 
 def test_expiry_discards_the_upload_and_its_files(start_server, db, images_dir):
@@ -539,3 +543,44 @@ def test_access_log_names_the_upload_routes(start_server, tmp_path):
     routes = {(l["method"], l["route"]) for l in lines}
     assert ("POST", "/uploads") in routes and ("HEAD", "/uploads/{token}") in routes, lines
     assert ("OPTIONS", "/uploads") in routes, lines
+
+
+def test_delete_takes_over_a_running_append(server, db, images_dir):
+    data = fixture_bytes()
+    cut = data.index(b"\n", len(data) // 2) + 1
+    loc = create_tus(server, len(data)).h("location")
+    token = loc.rsplit("/", 1)[1]
+    s = socket.create_connection((server.host, server.port), timeout=30)
+    try:
+        # an append that sent half its body and stalls, holding the upload's lock
+        s.sendall((f"PATCH {loc} HTTP/1.1\r\nHost: localhost\r\nTus-Resumable: 1.0.0\r\n"
+                   f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:cut])
+        held = ("SELECT count(*) FROM pg_locks l, uploads u WHERE u.token = '" + token + "' AND l.locktype = "
+                "'advisory' AND l.objsubid = 2 AND l.granted AND l.objid::bigint = (u.upload_id & 4294967295)")
+        deadline = time.monotonic() + 20
+        while db.sql(held) == "0" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.sql(held) == "1", "the append holds the upload's lock"
+        r = call(server, "DELETE", loc, TUS)
+        assert r.status == 204, r
+        assert head(server, loc, TUS).status == 404
+        # the append that was taken over does not commit anything, and ends its connection
+        s.settimeout(20)
+        got = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+        assert not got.startswith(b"HTTP/1.1 2"), got
+    finally:
+        s.close()
+    assert db.sql("SELECT count(*) FROM uploads") == "0" and db.count_users() == 0
+    deadline = time.monotonic() + 20
+    while (helpers.image_files(images_dir) or helpers.pending_files(images_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert helpers.image_files(images_dir) == [] and helpers.pending_files(images_dir) == []
