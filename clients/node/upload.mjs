@@ -212,6 +212,8 @@ class Progress {
 
   update(sent) {
     if (this.mode === 'tty') {
+      if (sent < this.size && Date.now() - this.lastLine < 100) return;
+      this.lastLine = Date.now();
       process.stderr.write(`\r\x1b[Kupload: ${this.text(sent)}`);
       this.dirty = true;
     } else if (this.mode === 'lines' && Date.now() - this.lastLine >= 5000) {
