@@ -72,15 +72,11 @@ static const char SQL_SWEEP[] =
 
 int ji_upload_token_new(char out[JI_UPLOAD_TOKEN_CHARS + 1])
 {
-    static const char hex[] = "0123456789abcdef";
     unsigned char raw[JI_UPLOAD_TOKEN_CHARS / 2];
 
     if (getrandom(raw, sizeof(raw), 0) != (ssize_t)sizeof(raw))
         return -1;
-    for (size_t i = 0; i < sizeof(raw); i++) {
-        out[2 * i] = hex[raw[i] >> 4];
-        out[2 * i + 1] = hex[raw[i] & 15];
-    }
+    ji_hex_encode(raw, sizeof(raw), out);
     out[JI_UPLOAD_TOKEN_CHARS] = '\0';
     return 0;
 }

@@ -480,9 +480,11 @@ def test_gc_discards_expired_uploads(start_server, db, images_dir):
     p = subprocess.run([helpers.BINARY, "gc", "--db", srv.db, "--images-dir", images_dir], capture_output=True,
                        timeout=60)
     assert p.returncode == 0, p
-    assert db.sql("SELECT count(*) FROM uploads") == "1"
-    assert db.sql(f"SELECT count(*) FROM uploads WHERE token = '{keep.rsplit('/', 1)[1]}'") == "1"
-    assert helpers.image_files(images_dir) == [] and helpers.pending_files(images_dir) == []
+    left = db.sql("SELECT string_agg(token || ' ' || state || ' ' || (expires_at < now())::text, '; ') FROM uploads")
+    assert db.sql("SELECT count(*) FROM uploads") == "1", (left, p.stderr)
+    assert db.sql(f"SELECT count(*) FROM uploads WHERE token = '{keep.rsplit('/', 1)[1]}'") == "1", (left, p.stderr)
+    assert helpers.image_files(images_dir) == [] and helpers.pending_files(images_dir) == [], (
+        helpers.image_files(images_dir)[:5], helpers.pending_files(images_dir), p.stderr)
 
 
 # ------------------------------------------------------------------ auth and counters
