@@ -32,6 +32,15 @@ typedef void (*ji_pg_ready_cb)(ji_pg_t *pg, void *ctx, const char *err);
  * statement, success means the server entered COPY IN mode (PQresultStatus(res) == PGRES_COPY_IN).
  */
 typedef void (*ji_pg_result_cb)(ji_pg_t *pg, void *ctx, PGresult *res, const char *err);
+/**
+ * The results of a script (ji_pg_script), in the order of its statements. On success `n` results, one per
+ * statement (the last one PGRES_COPY_IN when the script ends with COPY ... FROM STDIN: the connection is then in
+ * COPY IN). On failure `err` is set, `results[0..n-1]` are the statements that succeeded, and `failed` is the error
+ * result of statement n (NULL when the connection was lost); the server skipped the statements after it. Every
+ * result is valid only during the call.
+ */
+typedef void (*ji_pg_script_cb)(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed,
+                                const char *err);
 /** Output drained (err NULL), or the connection failed while nothing else would have told (err set). */
 typedef void (*ji_pg_event_cb)(ji_pg_t *pg, void *ctx, const char *err);
 
@@ -80,6 +89,17 @@ void ji_pg_free(ji_pg_t *pg);
 /** Sends one statement with text parameters (values copied by libpq). 0, or -1 (see ji_pg_error). */
 int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *values, ji_pg_result_cb cb,
                 void *ctx) JI_MUST_CHECK;
+
+/** Most statements one script may hold (JI_PG_SCRIPT_MAX_STATEMENTS). */
+#define JI_PG_SCRIPT_MAX_STATEMENTS 8
+
+/**
+ * Sends several statements, separated by ';', as ONE simple-query message (no parameters: every value is in the
+ * text, escaped by the caller): one round trip instead of one per statement. The server runs them in order and
+ * stops at the first error; a COPY ... FROM STDIN may only be the last statement. At most
+ * JI_PG_SCRIPT_MAX_STATEMENTS statements. `cb` gets every result at once. 0, or -1 (see ji_pg_error).
+ */
+int ji_pg_script(ji_pg_t *pg, const char *sql, ji_pg_script_cb cb, void *ctx) JI_MUST_CHECK;
 
 /**
  * During COPY IN: queues `len` bytes (libpq copies them) and tries to send. 0 = handed to the kernel,

@@ -73,8 +73,11 @@ struct st_ji_worker_t {
     h2o_timeout_t yield_timeout;        /**< 1 ms: work split in slices goes on after the loop served the others */
     h2o_timeout_t accept_pause_timeout; /**< out of file descriptors: accepting pauses this long */
     h2o_timeout_entry_t accept_pause;
-    h2o_linklist_t conns;      /**< front-door connections of this worker (closed when it stops) */
-    h2o_linklist_t idle_conns; /**< kept-alive connections waiting for a request, the longest idle first */
+    h2o_timeout_t accept_defer_timeout; /**< JI_ACCEPT_DEFER_MS */
+    h2o_timeout_entry_t accept_defer;   /**< a connection left to a less loaded loop: taken here once it runs out */
+    bool accept_forced;                 /**< the deferral ran out: the next accept is tried whatever the load */
+    h2o_linklist_t conns;               /**< front-door connections of this worker (closed when it stops) */
+    h2o_linklist_t idle_conns;          /**< kept-alive connections waiting for a request, the longest idle first */
     /** Idle kept-alive connections here not yet promised to a loop that needs room (any thread claims them). */
     _Atomic long sheddable;
     _Atomic unsigned shed_wanted; /**< promised ones this loop still has to close (at its next wake-up) */

@@ -204,6 +204,12 @@
 
 /** Connections one loop accepts per readiness event before it serves the others. */
 #define JI_ACCEPT_BATCH 16
+/**
+ * A loop holding more client connections than another leaves a new connection to that one for at most this long
+ * (ms), then takes it itself: long enough for the other thread to be scheduled on a loaded machine, short enough
+ * that a connection never waits noticeably when every other loop is busy.
+ */
+#define JI_ACCEPT_DEFER_MS 20
 /** Out of file descriptors, accepting pauses this long (ms) instead of spinning on a readable listener. */
 #define JI_ACCEPT_PAUSE_MS 100
 

@@ -2,10 +2,20 @@
  * ingest_tx.c — the transaction of one ingest, every step a callback of the
  * connection (ingest.c feeds the COPY rows in between):
  *
- *   CONNECTING -> BEGIN -> CLAIM -> BATCH -> COPY_START (horizon lock, COPY) -> STREAMING
- *     -> COPY_END -> [DEAD_LETTERS] -> SUMMARY -> [KEEP_ANSWER] -> COMMIT -> DONE
+ *   CONNECTING -> OPENING (BEGIN, lock_timeout, batch row, horizon lock, COPY) -> STREAMING
+ *     -> COPY_END -> [DEAD_LETTERS] -> COMMIT (counts, COMMIT) -> DONE
+ *   with an Idempotency-Key:
+ *   CONNECTING -> BEGIN -> CLAIM -> OPENING (batch row, horizon lock, COPY) -> STREAMING
+ *     -> COPY_END -> [DEAD_LETTERS] -> SUMMARY (counts) -> COMMIT (answer kept, COMMIT) -> DONE
  *   CLAIM -> REPLAY -> DONE | FAILED     (the key committed earlier)
  *   (any step) -> FAILED
+ *
+ * Round trips are what a small request pays for (each one is a wake-up of
+ * the server process and of this loop): statements that need no answer in
+ * between go as one simple-query message (ji_pg_script) whose results come
+ * back together. Without a key a request waits for PostgreSQL three times:
+ * the opening, COPY's end, the counts with COMMIT (dead letters add two).
+ * Values in these messages are numbers or literals escaped by libpq.
  *
  * CLAIM (idempotency.c) bounds the transaction's lock waits (lock_timeout)
  * and, with an Idempotency-Key, tries the key's lock without waiting (a key
@@ -223,25 +233,41 @@ static void give_back_committed(ji_ingest_t *in)
     in->pg = NULL;
 }
 
-static void on_append_commit(ji_ingest_t *in);
+/* ---- the end: the batch's counts and COMMIT, one message when no Idempotency-Key keeps the answer ---- */
 
-static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+/** Appends `s` as an SQL string literal, escaped for the connection's settings (t->failed on failure). */
+static void append_literal(ji_text_t *t, ji_pg_t *pg, const char *s)
 {
-    ji_ingest_t *in = ctx;
+    char *lit = PQescapeLiteral(ji_pg_conn(pg), s, strlen(s));
 
-    if (err == NULL && in->append) {
-        on_append_commit(in);
+    if (lit == NULL) {
+        t->failed = true;
         return;
     }
-    if (err != NULL) {
-        if (PQstatus(ji_pg_conn(pg)) != CONNECTION_OK) {
-            /* COMMIT may or may not have happened: keep the files and their journal, gc settles it */
-            ji_image_batch_forget(in->images);
-            in->images = NULL;
-        }
-        ji_ingest_tx_fail(in, "COMMIT failed", res, err);
+    ji_text_append(t, lit, strlen(lit));
+    PQfreemem(lit);
+}
+
+/** Sends `sql` (several statements, one message) in `state`; a failure to send is the request's failure. */
+static void send_script(ji_ingest_t *in, ji_text_t *sql, ingest_state_t state, ji_pg_script_cb cb, const char *what)
+{
+    ji_error_t e;
+
+    in->state = state;
+    if (sql->failed) {
+        ji_text_free(sql);
+        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        ji_ingest_abort(in, &e);
         return;
     }
+    if (ji_pg_script(in->pg, sql->base, cb, in) != 0)
+        ji_ingest_tx_fail(in, what, NULL, ji_pg_error(in->pg));
+    ji_text_free(sql);
+}
+
+/** The COMMIT is done: the files stay, the connection goes back, the answer (built already) goes out. */
+static void committed(ji_ingest_t *in)
+{
     ji_image_batch_commit(in->images);
     in->images = NULL;
     give_back_committed(in);
@@ -252,6 +278,25 @@ static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     succeed(in);
 }
 
+static void on_append_commit(ji_ingest_t *in);
+
+/** An append's COMMIT (its end, or the upload's final commit) is done or failed. */
+static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    if (err != NULL) {
+        if (PQstatus(ji_pg_conn(pg)) != CONNECTION_OK) {
+            /* COMMIT may or may not have happened: keep the files and their journal, gc settles it */
+            ji_image_batch_forget(in->images);
+            in->images = NULL;
+        }
+        ji_ingest_tx_fail(in, "COMMIT failed", res, err);
+        return;
+    }
+    on_append_commit(in);
+}
+
 static void send_commit(ji_ingest_t *in)
 {
     in->state = ST_COMMIT;
@@ -259,21 +304,75 @@ static void send_commit(ji_ingest_t *in)
         ji_ingest_tx_fail(in, "sending COMMIT failed", NULL, ji_pg_error(in->pg));
 }
 
-static void on_answer_kept(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+/**
+ * A message ending with COMMIT failed: `what` names the statement before COMMIT that failed (n == 0), else COMMIT.
+ * A lost connection leaves COMMIT's outcome unknown: the files and their journal stay, gc settles it.
+ */
+static void commit_failed(ji_ingest_t *in, ji_pg_t *pg, int n, const char *what, const PGresult *failed,
+                          const char *err)
+{
+    if (PQstatus(ji_pg_conn(pg)) != CONNECTION_OK) {
+        ji_image_batch_forget(in->images);
+        in->images = NULL;
+    }
+    ji_ingest_tx_fail(in, n == 0 ? what : "COMMIT failed", failed, err);
+}
+
+/** The first and last user id of the batch, from the counts' RETURNING. */
+static void take_id_range(ji_ingest_t *in, const PGresult *res)
+{
+    if (res != NULL && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
+        snprintf(in->first_id, sizeof(in->first_id), "%s", PQgetvalue(res, 0, 0));
+        snprintf(in->last_id, sizeof(in->last_id), "%s", PQgetvalue(res, 0, 1));
+    }
+}
+
+/** Without a key: results of "counts; COMMIT". */
+static void on_counts_committed(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed,
+                                const char *err)
 {
     ji_ingest_t *in = ctx;
 
-    (void)pg;
     if (err != NULL) {
-        ji_ingest_tx_fail(in, "keeping the answer of the Idempotency-Key failed", res, err);
+        commit_failed(in, pg, n, "keeping the batch's counts failed", failed, err);
         return;
     }
-    send_commit(in);
+    take_id_range(in, results[0]);
+    build_answer(in);
+    committed(in);
 }
 
+/** With a key: results of "keep the answer; COMMIT". */
+static void on_answer_committed(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed,
+                                const char *err)
+{
+    ji_ingest_t *in = ctx;
+
+    (void)results;
+    if (err != NULL) {
+        commit_failed(in, pg, n, "keeping the answer of the Idempotency-Key failed", failed, err);
+        return;
+    }
+    committed(in);
+}
+
+/** The batch's counts (GET /batches) and the first and last user id of the answer. */
+static void append_counts_statement(ji_ingest_t *in, ji_text_t *sql)
+{
+    ji_text_printf(sql,
+                   "UPDATE batches SET inserted = %" PRIu64 ", skipped = %" PRIu64 ", lines = %" PRIu64
+                   ", images = %" PRIu64 ", bytes = %" PRIu64 " WHERE batch_id = %" PRId64
+                   " RETURNING (SELECT min(user_id) FROM users WHERE batch_id = %" PRId64
+                   "), (SELECT max(user_id) FROM users WHERE batch_id = %" PRId64 ")",
+                   in->inserted, in->skipped, ji_ingest_lines(in), in->images_stored, in->bytes, in->batch_id,
+                   in->batch_id, in->batch_id);
+}
+
+/** With a key: the counts' ids are in; the answer is built and kept with the key, then COMMIT, in one message. */
 static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
+    ji_text_t sql = {0};
     const char *digest;
     ji_error_t e;
 
@@ -281,45 +380,41 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_tx_fail(in, "keeping the batch's counts failed", res, err);
         return;
     }
-    if (res != NULL && PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
-        snprintf(in->first_id, sizeof(in->first_id), "%s", PQgetvalue(res, 0, 0));
-        snprintf(in->last_id, sizeof(in->last_id), "%s", PQgetvalue(res, 0, 1));
-    }
+    take_id_range(in, res);
     build_answer(in);
-    if (!in->keyed) {
-        send_commit(in);
-        return;
-    }
     if ((digest = ji_request_digest_hex(in->digest)) == NULL) {
         ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "computing the request digest failed");
         ji_ingest_abort(in, &e);
         return;
     }
-    const char *params[3] = {in->batch_id_text, in->answer.base, digest};
-    in->state = ST_KEEP_ANSWER;
-    if (ji_pg_query(pg, "UPDATE batches SET response = $2, request_digest = decode($3, 'hex') WHERE batch_id = $1", 3,
-                    params, on_answer_kept, in) != 0)
-        ji_ingest_tx_fail(in, "keeping the answer of the Idempotency-Key failed", NULL, ji_pg_error(pg));
+    ji_text_append(&sql, H2O_STRLIT("UPDATE batches SET response = "));
+    append_literal(&sql, pg, in->answer.base);
+    ji_text_printf(&sql, ", request_digest = decode('%s', 'hex') WHERE batch_id = %" PRId64 "; COMMIT", digest,
+                   in->batch_id);
+    send_script(in, &sql, ST_COMMIT, on_answer_committed, "keeping the answer of the Idempotency-Key failed");
 }
 
-/** The batch keeps its counts (GET /batches) and tells the first and last user id of the answer. */
+/**
+ * The batch keeps its counts. Without an Idempotency-Key, COMMIT goes in the same message (the answer is built
+ * from its results once COMMIT is done); with one, the answer must be kept before COMMIT, so the counts go first.
+ */
 static void send_summary(ji_ingest_t *in)
 {
-    char counts[5][24];
-    const char *params[6] = {in->batch_id_text, counts[0], counts[1], counts[2], counts[3], counts[4]};
+    ji_text_t sql = {0};
 
-    snprintf(counts[0], sizeof(counts[0]), "%" PRIu64, in->inserted);
-    snprintf(counts[1], sizeof(counts[1]), "%" PRIu64, in->skipped);
-    snprintf(counts[2], sizeof(counts[2]), "%" PRIu64, ji_ingest_lines(in));
-    snprintf(counts[3], sizeof(counts[3]), "%" PRIu64, in->images_stored);
-    snprintf(counts[4], sizeof(counts[4]), "%" PRIu64, in->bytes);
-    in->state = ST_SUMMARY;
-    if (ji_pg_query(in->pg,
-                    "UPDATE batches SET inserted = $2, skipped = $3, lines = $4, images = $5, bytes = $6 "
-                    "WHERE batch_id = $1 RETURNING (SELECT min(user_id) FROM users WHERE batch_id = $1), "
-                    "(SELECT max(user_id) FROM users WHERE batch_id = $1)",
-                    6, params, on_summary, in) != 0)
+    append_counts_statement(in, &sql);
+    if (in->keyed) {
+        in->state = ST_SUMMARY;
+        if (!sql.failed && ji_pg_query(in->pg, sql.base, 0, NULL, on_summary, in) == 0) {
+            ji_text_free(&sql);
+            return;
+        }
+        ji_text_free(&sql);
         ji_ingest_tx_fail(in, "sending the summary query failed", NULL, ji_pg_error(in->pg));
+        return;
+    }
+    ji_text_append(&sql, H2O_STRLIT("; COMMIT"));
+    send_script(in, &sql, ST_COMMIT, on_counts_committed, "sending the summary and COMMIT failed");
 }
 
 /* ---- dead letters: the rejected records, from the spool into rejected_records ---- */
@@ -453,6 +548,7 @@ static void on_pg_event(ji_pg_t *pg, void *ctx, const char *err)
         go_on_streaming(in);
 }
 
+/** An append's COPY into upload_rows started: the body streams. */
 static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
 {
     ji_ingest_t *in = ctx;
@@ -466,58 +562,85 @@ static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
     go_on_streaming(in);
 }
 
-/** The batch's lower bound is visible to exports (export.h) until COMMIT or ROLLBACK: its COPY may take ids. */
-static void on_horizon_locked(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
+/* ---- the opening: one message from the transaction's start to COPY IN ---- */
 
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "taking the export horizon lock failed", res, err);
-        return;
+/** What each statement of the opening message does, for a failure's message (index: the statement). */
+static const char *const OPENING_STEPS[] = {
+    "BEGIN failed",
+    "starting the transaction failed",
+    "creating the batch failed",
+    "taking the export horizon lock failed",
+    "starting COPY failed",
+};
+#define OPENING_STATEMENTS (sizeof(OPENING_STEPS) / sizeof(OPENING_STEPS[0]))
+/** The statement of OPENING_STEPS that creates the batch row. */
+#define OPENING_BATCH 2
+
+/**
+ * The opening message: BEGIN; lock_timeout (no lock wait of the transaction outlasts it); the batch row; the
+ * export horizon's lock, before the COPY takes any user_id (the lock names the batch's lower bound, export.h);
+ * COPY's start, last (a COPY IN ends a message's run). One round trip instead of five. With an Idempotency-Key
+ * the transaction began in ji_idempotency_claim, which also set lock_timeout: the message starts at the batch
+ * row, which then leaves the key to a concurrent older version that does not take the key's lock (ON CONFLICT).
+ * Returns the index in OPENING_STEPS of the message's first statement.
+ */
+static size_t build_opening(ji_ingest_t *in, ji_text_t *sql)
+{
+    size_t first = in->keyed ? OPENING_BATCH : 0;
+
+    if (!in->keyed)
+        ji_text_append(sql, H2O_STRLIT("BEGIN; SELECT set_config('lock_timeout', '" JI_STR(
+                                JI_PG_LOCK_TIMEOUT_MS) "', true); "));
+    ji_text_append(sql, H2O_STRLIT("INSERT INTO batches (batch_key"));
+    ji_text_append(sql, in->keyed ? ", idempotency_key) VALUES (" : ") VALUES (", in->keyed ? 27 : 10);
+    append_literal(sql, in->pg, in->batch_key);
+    if (in->keyed) {
+        ji_text_append(sql, ", ", 2);
+        append_literal(sql, in->pg, in->key);
+        ji_text_append(sql, H2O_STRLIT(") ON CONFLICT (idempotency_key) DO NOTHING"));
+    } else {
+        ji_text_append(sql, ")", 1);
     }
-    if (ji_pg_query(pg, JI_COPY_USERS_SQL, 0, NULL, on_copy_start, in) != 0)
-        ji_ingest_tx_fail(in, "sending COPY failed", NULL, ji_pg_error(pg));
+    ji_text_append(sql, H2O_STRLIT(" RETURNING batch_id; " JI_EXPORT_HORIZON_LOCK_SQL "; " JI_COPY_USERS_SQL));
+    return first;
 }
 
-static void on_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+static void on_opened(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed, const char *err)
 {
     ji_ingest_t *in = ctx;
+    size_t first = in->keyed ? OPENING_BATCH : 0, step = first + (size_t)n;
+    const PGresult *batch;
     ji_error_t e;
 
     if (err != NULL) {
-        ji_ingest_tx_fail(in, "creating the batch failed", res, err);
+        ji_ingest_tx_fail(in, OPENING_STEPS[step < OPENING_STATEMENTS ? step : OPENING_STATEMENTS - 1], failed, err);
         return;
     }
-    if (PQntuples(res) == 0) {
+    /* the connection is in COPY IN: a failure from here ends the COPY first */
+    in->state = ST_STREAMING;
+    batch = (size_t)n == OPENING_STATEMENTS - first ? results[OPENING_BATCH - first] : NULL;
+    if (batch == NULL || PQnfields(batch) != 1) {
+        ji_ingest_tx_fail(in, "creating the batch failed", NULL, "unexpected results of the opening statements");
+        return;
+    }
+    if (PQntuples(batch) == 0) {
         /* ON CONFLICT: the key was taken by someone who does not take its advisory lock (an older version) */
         ji_error_set(&e, JI_ERR_CONFLICT, 0, NULL, "a request with this Idempotency-Key is in progress: retry later");
         ji_ingest_abort(in, &e);
         return;
     }
-    snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(res, 0, 0));
+    snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(batch, 0, 0));
     in->batch_id = strtoll(in->batch_id_text, NULL, 10);
-    in->state = ST_COPY_START;
-    /* the export horizon first: no id may be taken before the lock that names the batch's lower bound */
-    if (ji_pg_query(pg, JI_EXPORT_HORIZON_LOCK_SQL, 0, NULL, on_horizon_locked, in) != 0)
-        ji_ingest_tx_fail(in, "taking the export horizon lock failed", NULL, ji_pg_error(pg));
+    ji_pg_set_event_cb(pg, on_pg_event, in);
+    go_on_streaming(in);
 }
 
-static void send_batch(ji_ingest_t *in)
+static void send_opening(ji_ingest_t *in)
 {
-    const char *params[2] = {in->batch_key, in->key};
-    int r;
+    ji_text_t sql = {0};
+    size_t first = build_opening(in, &sql);
 
-    in->state = ST_BATCH;
-    if (in->keyed)
-        r = ji_pg_query(in->pg,
-                        "INSERT INTO batches (batch_key, idempotency_key) VALUES ($1, $2) "
-                        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING batch_id",
-                        2, params, on_batch, in);
-    else
-        r = ji_pg_query(in->pg, "INSERT INTO batches (batch_key) VALUES ($1) RETURNING batch_id", 1, params, on_batch,
-                        in);
-    if (r != 0)
-        ji_ingest_tx_fail(in, "creating the batch failed", NULL, ji_pg_error(in->pg));
+    send_script(in, &sql, ST_BATCH, on_opened, OPENING_STEPS[first]);
 }
 
 /** Every body byte was hashed: the same content gets the kept answer, other content 422. */
@@ -601,7 +724,7 @@ static void on_key_claimed(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
     in->key_locked = claim->locked;
     switch (claim->found) {
     case JI_KEY_FREE:
-        send_batch(in);
+        send_opening(in);
         return;
     case JI_KEY_COMMITTED:
         start_replay(in, claim);
@@ -643,6 +766,12 @@ static void on_connected(ji_pg_t *pg, void *ctx, const char *err)
         ji_ingest_tx_fail(in, "connecting failed", NULL, err);
         return;
     }
+    if (!in->keyed && !in->append) {
+        send_opening(in);
+        return;
+    }
+    /* with a key: BEGIN, the key claimed (ji_idempotency_claim), then the opening; an append: BEGIN, then the
+     * upload's lock and row (the key, if any, is the upload's, claimed at its final commit) */
     in->state = ST_BEGIN;
     if (ji_pg_query(pg, "BEGIN", 0, NULL, on_begin, in) != 0)
         ji_ingest_tx_fail(in, "BEGIN failed", NULL, ji_pg_error(pg));

@@ -234,6 +234,12 @@ static void write_metrics(ji_text_t *out, const totals_t *t, ji_server_t *server
     sample(out, "refused_total", "{reason=\"max_client_ingests\"}", t->limit_client_ingests);
     sample(out, "refused_total", "{reason=\"max_memory\"}", LOAD(server->memory_budget.refused));
     single(out, "connections_open", "gauge", "Client connections open now.", t->connections_open);
+    family(out, "worker_connections_open", "gauge", "Client connections open now, by worker thread.");
+    for (unsigned i = 0; i < server->nworkers; i++) {
+        char labels[32];
+        snprintf(labels, sizeof(labels), "{worker=\"%u\"}", i);
+        sample(out, "worker_connections_open", labels, LOAD(server->workers[i].stats.connections_open));
+    }
     single(out, "connections_max", "gauge", "Connections the process keeps open at most (--max-connections).",
            server->max_connections);
     single(out, "connections_refused_total", "counter",

@@ -82,6 +82,16 @@ static void clear_results(ji_pg_t *pg)
     pg->first_error = pg->last_result = NULL;
 }
 
+/** Drops a script's kept results (they are delivered with its end, or a failure). */
+static void clear_script(ji_pg_t *pg)
+{
+    for (int i = 0; i < pg->nscript; i++)
+        PQclear(pg->script_results[i]);
+    pg->nscript = 0;
+    pg->script = false;
+    pg->script_cb = NULL;
+}
+
 /* ---- the watched socket ---- */
 
 static void close_socket(ji_pg_t *pg)
@@ -204,6 +214,52 @@ static void deliver_result(ji_pg_t *pg, PGresult *res, const char *err)
         leave(pg);
     }
     PQclear(res);
+}
+
+/**
+ * Ends a script: its owner gets the kept results, `extra` (COPY IN's, owned here) after them, and the first error
+ * (taken from first_error) or `err`. When the pool took the connection over (script_cb NULL), its result callback
+ * gets the error or the last result, like a single statement's.
+ */
+static void deliver_script(ji_pg_t *pg, PGresult *extra, const char *err)
+{
+    PGresult *results[JI_PG_SCRIPT_MAX_STATEMENTS + 1];
+    PGresult *failed = pg->first_error;
+    ji_pg_script_cb cb = pg->script_cb;
+    char msg[sizeof(pg->errbuf)];
+    int n = pg->nscript;
+
+    /* the results are the caller's from here: the callback may free the connection */
+    memcpy(results, pg->script_results, (size_t)n * sizeof(results[0]));
+    pg->nscript = 0;
+    pg->script = false;
+    pg->script_cb = NULL;
+    pg->first_error = NULL;
+    if (extra != NULL)
+        results[n++] = extra;
+    if (failed != NULL) {
+        set_error(pg, result_message(failed));
+        err = pg->errbuf;
+    }
+    if (err != NULL)
+        ji_pg__copy_message(msg, sizeof(msg), err);
+    if (cb == NULL) {
+        /* taken over by the pool: one result, like a statement's */
+        PGresult *last = failed != NULL ? failed : n > 0 ? results[--n] : NULL;
+        for (int i = 0; i < n; i++)
+            PQclear(results[i]);
+        if (failed != NULL && extra != NULL)
+            PQclear(extra);
+        deliver_result(pg, last, err != NULL ? msg : NULL);
+        return;
+    }
+    pg->result_cb = NULL;
+    enter(pg);
+    cb(pg, pg->op_ctx, results, n, failed, err != NULL ? msg : NULL);
+    leave(pg);
+    for (int i = 0; i < n; i++)
+        PQclear(results[i]);
+    PQclear(failed);
 }
 
 static void deliver_event(ji_pg_t *pg, const char *err)
@@ -377,6 +433,10 @@ static void fail(ji_pg_t *pg, const char *msg)
         return;
     case JI_PG_QUERY:
     case JI_PG_COPY_END:
+        if (pg->script) {
+            deliver_script(pg, NULL, pg->errbuf);
+            return;
+        }
         deliver_result(pg, NULL, pg->errbuf);
         return;
     case JI_PG_READY:
@@ -416,7 +476,10 @@ static void collect_results(ji_pg_t *pg)
             if (pg->state == JI_PG_QUERY && pg->first_error == NULL) {
                 clear_results(pg);
                 pg->state = JI_PG_COPY_IN;
-                deliver_result(pg, res, NULL);
+                if (pg->script)
+                    deliver_script(pg, res, NULL);
+                else
+                    deliver_result(pg, res, NULL);
                 return;
             }
             /* COPY IN after an error or after CopyDone cannot be continued */
@@ -436,6 +499,11 @@ static void collect_results(ji_pg_t *pg)
                     PQclear(res);
             } else if (pg->first_error != NULL) {
                 PQclear(res);
+            } else if (pg->script) {
+                if (pg->nscript < JI_PG_SCRIPT_MAX_STATEMENTS)
+                    pg->script_results[pg->nscript++] = res;
+                else
+                    PQclear(res);
             } else {
                 PQclear(pg->last_result);
                 pg->last_result = res;
@@ -450,6 +518,10 @@ static void collect_results(ji_pg_t *pg)
         return;
     }
     pg->state = JI_PG_READY;
+    if (pg->script) {
+        deliver_script(pg, NULL, NULL);
+        return;
+    }
     if (pg->first_error != NULL) {
         res = pg->first_error;
         pg->first_error = NULL;
@@ -601,6 +673,7 @@ void ji_pg_free(ji_pg_t *pg)
     }
     close_socket(pg);
     clear_results(pg);
+    clear_script(pg);
     if (pg->conn != NULL) {
         PQfinish(pg->conn); /* nonblocking: queues Terminate and tries once to send it */
         pg->conn = NULL;
@@ -659,6 +732,26 @@ int ji_pg_query(ji_pg_t *pg, const char *sql, int nparams, const char *const *va
         return -1;
     }
     return ji_pg__await_result(pg, JI_PG_QUERY, cb, ctx);
+}
+
+int ji_pg_script(ji_pg_t *pg, const char *sql, ji_pg_script_cb cb, void *ctx)
+{
+    if (check_state(pg, JI_PG_READY, "script") != 0)
+        return -1;
+    if (!PQsendQuery(pg->conn, sql)) {
+        set_error(pg, conn_message(pg));
+        if (PQstatus(pg->conn) != CONNECTION_OK)
+            break_quietly(pg);
+        return -1;
+    }
+    clear_script(pg);
+    pg->script = true;
+    pg->script_cb = cb;
+    if (ji_pg__await_result(pg, JI_PG_QUERY, NULL, ctx) != 0) {
+        clear_script(pg);
+        return -1;
+    }
+    return 0;
 }
 
 int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len)

@@ -56,11 +56,15 @@ struct st_ji_pg_t {
     unsigned in_cb;      /**< callbacks of ours on the stack */
     ji_pg_ready_cb ready_cb;
     ji_pg_result_cb result_cb;
+    ji_pg_script_cb script_cb; /**< a script's owner (ji_pg_script); result_cb is NULL then */
     void *op_ctx;
     ji_pg_event_cb event_cb;
     void *event_ctx;
     PGresult *first_error; /**< results of the statement in progress */
     PGresult *last_result;
+    bool script;                                           /**< the statement in progress is a script */
+    int nscript;                                           /**< script: results kept so far */
+    PGresult *script_results[JI_PG_SCRIPT_MAX_STATEMENTS]; /**< script: one per statement that succeeded */
     h2o_timeout_entry_t defer_entry;
     h2o_timeout_entry_t connect_entry;
     h2o_timeout_entry_t recycle_entry;

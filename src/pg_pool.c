@@ -143,6 +143,7 @@ static void forget_owner(ji_pg_t *pg)
 {
     pg->ready_cb = NULL;
     pg->result_cb = NULL;
+    pg->script_cb = NULL;
     pg->op_ctx = NULL;
     pg->event_cb = NULL;
     pg->event_ctx = NULL;

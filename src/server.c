@@ -2,8 +2,8 @@
  * server.c — process start-up and the workers: opens the images directory,
  * creates the schema and removes what crashed requests left (blocking, before
  * any loop runs), registers the h2o handlers, then runs one event loop per
- * thread, all sharing one listening socket, each with its own h2o context and
- * database pool.
+ * thread, all sharing one listening socket (the loop with the fewest connections
+ * takes the next one), each with its own h2o context and database pool.
  */
 #include "server.h"
 
@@ -245,10 +245,42 @@ static void on_accept_pause_end(h2o_timeout_entry_t *entry)
         h2o_socket_read_start(w->listener, on_accept);
 }
 
+/** The deferral ran out: a connection still waiting (the lighter loops are busy) is taken by this loop. */
+static void on_accept_defer_end(h2o_timeout_entry_t *entry)
+{
+    ji_worker_t *w = JI_CONTAINER_OF(entry, ji_worker_t, accept_defer);
+
+    if (w->listener == NULL || h2o_timeout_is_linked(&w->accept_pause))
+        return;
+    h2o_socket_read_start(w->listener, on_accept);
+    /* one attempt whatever the load (nothing waiting: the next connection is balanced again) */
+    w->accept_forced = true;
+    on_accept(w->listener, NULL);
+    w->accept_forced = false;
+}
+
+/** Another loop holds fewer client connections than this one (it should take the next connection). */
+static bool another_loop_is_lighter(const ji_worker_t *w)
+{
+    const ji_server_t *server = w->server;
+    uint64_t mine = atomic_load_explicit(&w->stats.connections_open, memory_order_relaxed);
+
+    for (unsigned i = 0; i < server->nworkers; i++) {
+        const ji_worker_t *other = &server->workers[i];
+        if (other != w && atomic_load_explicit(&other->stats.connections_open, memory_order_relaxed) < mine)
+            return true;
+    }
+    return false;
+}
+
 /*
- * Every worker's loop watches the one listening socket; the first free loop takes a connection (the others find
- * nothing to accept). Out of file descriptors (EMFILE, ENFILE) the socket stays readable: stop accepting for
- * JI_ACCEPT_PAUSE_MS instead of spinning.
+ * Every worker's loop watches the one listening socket; a loop takes a connection unless another loop holds
+ * fewer connections: then it stops watching for JI_ACCEPT_DEFER_MS and leaves the connection to that loop, which is
+ * woken too when it waits in epoll (every loop watching the socket is woken). If the connection is still there
+ * when the deferral runs out (the lighter loop is busy), this loop takes it. So two big uploads that arrive
+ * together go to two loops (not both to the first one awake), kept-alive connections spread evenly, and a busy
+ * loop never holds up a connection for more than JI_ACCEPT_DEFER_MS. Out of file descriptors (EMFILE, ENFILE) the socket
+ * stays readable: stop accepting for JI_ACCEPT_PAUSE_MS instead of spinning.
  */
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
@@ -258,6 +290,13 @@ static void on_accept(h2o_socket_t *listener, const char *err)
     if (err != NULL)
         return;
     for (unsigned n = 0; n < JI_ACCEPT_BATCH; n++) {
+        if (!w->accept_forced && another_loop_is_lighter(w)) {
+            h2o_socket_read_stop(listener);
+            if (!h2o_timeout_is_linked(&w->accept_defer))
+                h2o_timeout_link(w->ctx.loop, &w->accept_defer_timeout, &w->accept_defer);
+            return;
+        }
+        w->accept_forced = false;
         errno = 0;
         if ((sock = h2o_evloop_socket_accept(listener)) == NULL) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -296,6 +335,8 @@ static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
     h2o_timeout_init(w->ctx.loop, &w->yield_timeout, JI_YIELD_MS);
     h2o_timeout_init(w->ctx.loop, &w->accept_pause_timeout, JI_ACCEPT_PAUSE_MS);
     w->accept_pause.cb = on_accept_pause_end;
+    h2o_timeout_init(w->ctx.loop, &w->accept_defer_timeout, JI_ACCEPT_DEFER_MS);
+    w->accept_defer.cb = on_accept_defer_end;
     /* idle connections up to the worker's share of the upload places: no new server process per upload */
     max_idle = (server->config->max_ingests + server->config->threads - 1) / server->config->threads;
     if ((w->pg_pool = ji_pg_pool_new(w->ctx.loop, server->config->db,
@@ -345,6 +386,8 @@ static void *worker_run(void *arg)
         if (!atomic_load(&w->server->stopping))
             continue;
         if (w->listener != NULL) {
+            if (h2o_timeout_is_linked(&w->accept_defer))
+                h2o_timeout_unlink(&w->accept_defer);
             h2o_socket_read_stop(w->listener);
             h2o_socket_close(w->listener);
             w->listener = NULL;
@@ -516,6 +559,9 @@ static void worker_dispose(ji_worker_t *w)
     h2o_timeout_dispose(loop, &w->keepalive_timeout);
     h2o_timeout_dispose(loop, &w->linger_timeout);
     h2o_timeout_dispose(loop, &w->yield_timeout);
+    if (h2o_timeout_is_linked(&w->accept_defer))
+        h2o_timeout_unlink(&w->accept_defer);
+    h2o_timeout_dispose(loop, &w->accept_defer_timeout);
     if (h2o_timeout_is_linked(&w->accept_pause))
         h2o_timeout_unlink(&w->accept_pause);
     h2o_timeout_dispose(loop, &w->accept_pause_timeout);

@@ -31,7 +31,8 @@ def test_bench_throughput_quick_measures_and_checks_every_batch(admin_db, tmp_pa
             rows[(m.group(1), m.group(2), m.group(3))] = [float(m.group(i)) for i in (4, 5, 6)]
     want = {("requests", who, f"conns={c}") for who in ("jsonl-ingest", "pgbench") for c in (1, 4)}
     want |= {("rows", "jsonl-ingest", "records=2000"), ("rows", "psql \\copy", "records=2000"),
-             ("big", "jsonl-ingest", "uploads=1"), ("big", "jsonl-ingest", "uploads=2")}
+             ("big", "jsonl-ingest", "uploads=1"), ("big", "jsonl-ingest", "uploads=2"),
+             ("big", "jsonl-ingest", "uploads=4")}
     assert set(rows) == want, f"table rows:\n{r.stdout}"
     for key, (median, lo, hi) in rows.items():
         assert 0 < lo <= median <= hi, f"{key}: no figure in\n{r.stdout}"

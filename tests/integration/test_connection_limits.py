@@ -291,6 +291,28 @@ def test_max_connections_room_is_made_on_other_loops_too(start_server):
     assert m and m["connections_shed_total"] == 10 and m["connections_refused_total"] == 0, m
 
 
+# ------------------------------------------------------------------ spreading connections over the loops
+def test_a_burst_of_connections_spreads_over_the_loops(start_server):
+    """24 connections opened at once (all in the listen backlog before any is accepted): each loop holds about half
+    of them. A loop that holds more connections than another leaves the next one to it: the first loop awake does not
+    take the whole backlog, and two big uploads that arrive together run on two threads."""
+    srv = start_server(args=["--threads", "2", "--keepalive-timeout", "60", "--idle-timeout", "60"])
+    settle(srv)
+    socks = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(24)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for s in socks:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200"), "no answer"
+        m = metrics(srv)
+        per_worker = [m[f'worker_connections_open{{worker="{i}"}}'] for i in range(2)]
+        assert sum(per_worker) == m["connections_open"] == 25, m  # with the /metrics connection
+        assert min(per_worker) >= 9, f"connections per loop: {per_worker}"
+    finally:
+        for s in socks:
+            s.close()
+
+
 # ------------------------------------------------------------------ --keepalive-timeout
 def test_keepalive_timeout_closes_idle_kept_alive_but_not_a_slow_head(start_server):
     srv = start_server(args=["--keepalive-timeout", "1", "--idle-timeout", "10"])

@@ -142,9 +142,10 @@ def metric(srv, name):
 
 
 def copy_in_progress(db):
-    """A COPY into users is running in the module's database (an ingest is streaming)."""
+    """A COPY into users is running in the module's database (an ingest is streaming). The COPY ends the message
+    that opens the ingest's transaction: the query text is that whole message."""
     return int(db.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                      "AND state <> 'idle' AND query ILIKE 'COPY%'")) > 0
+                      "AND pid <> pg_backend_pid() AND state <> 'idle' AND query LIKE '%COPY users %FROM STDIN'")) > 0
 
 
 def get_status(srv, path, headers=()):

@@ -199,7 +199,8 @@ def test_key_of_a_running_request_is_409_at_once_and_holds_nothing(start_server,
     try:
         up.send(len(data) // 2)
         assert helpers.wait_for(lambda: int(db.sql(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'COPY%'")) > 0,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND query LIKE '%COPY users %FROM STDIN'")) > 0,
             timeout=10), "the slow upload never started its COPY"
         # many requests with the key while the first runs: each 409 at once, none waits in the database
         for i in range(12):

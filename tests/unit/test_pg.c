@@ -1289,6 +1289,145 @@ cleanup:
     h2o_evloop_destroy(loop);
 }
 
+/* ---- scripts: several statements, one message ---- */
+
+typedef struct {
+    bool done;
+    int calls;
+    int n;
+    bool has_err;
+    bool has_failed;
+    char err[512];
+    char failed_state[8];
+    ExecStatusType status[JI_PG_SCRIPT_MAX_STATEMENTS + 1];
+    char value[JI_PG_SCRIPT_MAX_STATEMENTS + 1][64];
+} script_t;
+
+static void on_script(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed, const char *err)
+{
+    script_t *s = ctx;
+
+    (void)pg;
+    s->done = true;
+    s->calls++;
+    s->n = n;
+    s->has_err = err != NULL;
+    s->has_failed = failed != NULL;
+    snprintf(s->err, sizeof(s->err), "%s", err != NULL ? err : "");
+    snprintf(s->failed_state, sizeof(s->failed_state), "%s",
+             failed != NULL && PQresultErrorField(failed, PG_DIAG_SQLSTATE) != NULL
+                 ? PQresultErrorField(failed, PG_DIAG_SQLSTATE)
+                 : "");
+    for (int i = 0; i < n && i <= JI_PG_SCRIPT_MAX_STATEMENTS; i++) {
+        s->status[i] = PQresultStatus(results[i]);
+        snprintf(s->value[i], sizeof(s->value[i]), "%s",
+                 PQntuples(results[i]) > 0 && PQnfields(results[i]) > 0 ? PQgetvalue(results[i], 0, 0) : "");
+    }
+}
+
+static script_t script(h2o_loop_t *loop, ji_pg_t *pg, const char *sql)
+{
+    script_t s = {0};
+
+    CHECK_EQ_INT(ji_pg_script(pg, sql, on_script, &s), 0);
+    CHECK(!s.done);
+    CHECK(run_until(loop, &s.done, 10));
+    CHECK_EQ_INT(s.calls, 1);
+    return s;
+}
+
+/** Every statement's result in order; the first error stops the rest; COPY IN as the last statement; the pool
+ * taking over a script in flight. */
+static void test_script(void)
+{
+    h2o_loop_t *loop = h2o_evloop_create();
+    ji_pg_pool_t *pool = ji_pg_pool_new(loop, db_url, 4);
+    ji_pg_t *pg;
+    script_t s;
+    result_t r;
+    char pid[256];
+
+    ensure_public_schema();
+    if ((pg = get_conn(loop, pool)) == NULL)
+        goto cleanup;
+    query_ok(loop, pg, "DROP TABLE IF EXISTS ji_unit_script", 0, NULL);
+    query_ok(loop, pg, "CREATE TABLE ji_unit_script (n int PRIMARY KEY)", 0, NULL);
+
+    /* results in order, one per statement */
+    s = script(loop, pg, "BEGIN; SELECT 41 + 1; INSERT INTO ji_unit_script VALUES (1) RETURNING n * 10; COMMIT");
+    CHECK(!s.has_err);
+    CHECK_EQ_INT(s.n, 4);
+    CHECK_EQ_INT(s.status[0], PGRES_COMMAND_OK);
+    CHECK_EQ_STR(s.value[1], "42");
+    CHECK_EQ_STR(s.value[2], "10");
+    CHECK_EQ_INT(s.status[3], PGRES_COMMAND_OK);
+    CHECK_EQ_INT(PQtransactionStatus(ji_pg_conn(pg)), PQTRANS_IDLE);
+
+    /* the third statement fails: two results, its error, nothing after it ran, the transaction is aborted */
+    s = script(loop, pg,
+               "BEGIN; SELECT 1; INSERT INTO ji_unit_script VALUES (1); INSERT INTO ji_unit_script VALUES (2)");
+    CHECK(s.has_err);
+    CHECK(s.has_failed);
+    CHECK_EQ_INT(s.n, 2);
+    CHECK_EQ_STR(s.failed_state, "23505");
+    CHECK(strstr(s.err, "duplicate key") != NULL);
+    CHECK(!has_trailing_space(s.err));
+    CHECK_EQ_INT(PQtransactionStatus(ji_pg_conn(pg)), PQTRANS_INERROR);
+    query_ok(loop, pg, "ROLLBACK", 0, NULL);
+    CHECK_EQ_STR(query_ok(loop, pg, "SELECT count(*) FROM ji_unit_script", 0, NULL).value, "1");
+
+    /* ending with COPY: the results before it, then COPY IN; the connection is in COPY */
+    s = script(loop, pg, "BEGIN; SELECT 7; COPY ji_unit_script FROM STDIN");
+    CHECK(!s.has_err);
+    CHECK_EQ_INT(s.n, 3);
+    CHECK_EQ_STR(s.value[1], "7");
+    CHECK_EQ_INT(s.status[2], PGRES_COPY_IN);
+    CHECK_EQ_INT(ji_pg_copy_put(pg, "3\n4\n", 4) >= 0, 1);
+    r = end_copy(loop, pg, NULL);
+    CHECK(!r.has_err);
+    query_ok(loop, pg, "COMMIT", 0, NULL);
+    CHECK_EQ_STR(query_ok(loop, pg, "SELECT count(*) FROM ji_unit_script", 0, NULL).value, "3");
+
+    /* a script in flight given back: the pool waits for it (COPY IN included), rolls back, keeps the connection */
+    snprintf(pid, sizeof(pid), "%s", query_ok(loop, pg, "SELECT pg_backend_pid()", 0, NULL).value);
+    {
+        script_t never = {0};
+        CHECK_EQ_INT(ji_pg_script(pg, "BEGIN; SELECT pg_sleep(0.1); COPY ji_unit_script FROM STDIN", on_script, &never),
+                     0);
+        ji_pg_pool_put_rollback(pool, pg, "unit: taken over");
+        for (int i = 0; i < 100 && ji_pg_pool_busy(pool) != 0; i++)
+            h2o_evloop_run(loop, 20);
+        CHECK_EQ_INT(ji_pg_pool_busy(pool), 0);
+        CHECK(!never.done); /* its owner hears nothing more */
+    }
+    if ((pg = get_conn(loop, pool)) == NULL)
+        goto cleanup;
+    CHECK_EQ_STR(query_ok(loop, pg, "SELECT pg_backend_pid()", 0, NULL).value, pid);
+    CHECK_EQ_INT(PQtransactionStatus(ji_pg_conn(pg)), PQTRANS_IDLE);
+
+    /* the connection lost during a script: one callback, an error, no failed result */
+    {
+        script_t lost = {0};
+        CHECK_EQ_INT(ji_pg_script(pg, "SELECT 1; SELECT pg_sleep(30)", on_script, &lost), 0);
+        terminate_backend(loop, pid);
+        CHECK(run_until(loop, &lost.done, 5));
+        CHECK_EQ_INT(lost.calls, 1);
+        CHECK(lost.has_err);
+        CHECK(!lost.has_failed || lost.failed_state[0] != '\0');
+        CHECK(lost.n <= 1);
+    }
+    ji_pg_pool_put(pool, pg);
+    if ((pg = get_conn(loop, pool)) == NULL)
+        goto cleanup;
+    query_ok(loop, pg, "DROP TABLE ji_unit_script", 0, NULL);
+    ji_pg_pool_put(pool, pg);
+
+cleanup:
+    ji_pg_pool_free(pool);
+    settle(loop);
+    h2o_evloop_destroy(loop);
+}
+
 int main(void)
 {
     static const unit_test_t tests[] = {{"connect_and_query", test_connect_and_query},
@@ -1306,6 +1445,7 @@ int main(void)
                                         {"socket_changes", test_socket_changes},
                                         {"connect_timeout", test_connect_timeout},
                                         {"terminated_during_query", test_terminated_during_query},
+                                        {"script", test_script},
                                         {NULL, NULL}};
 
     static char keyvalue[4096];
