@@ -79,6 +79,7 @@ void ji_upload_create_dispose(ji_upload_create_t *cr);
 typedef struct st_ji_upload_sweeper_t {
     ji_pg_call_t call;
     bool running;
+    bool scheduled;   /**< next_ms was set once (the first sweep waits an interval: start-up swept already) */
     uint64_t next_ms; /**< loop time of the next sweep */
 } ji_upload_sweeper_t;
 

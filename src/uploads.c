@@ -222,6 +222,12 @@ void ji_uploads_sweep_tick(ji_worker_t *w)
         atomic_load_explicit(&w->server->stopping, memory_order_relaxed))
         return;
     s->next_ms = now + interval_s * 1000;
+    if (!s->scheduled) {
+        /* the blocking sweep of start-up just ran: the loop's first one waits an interval (and takes no pooled
+         * connection while the first requests come in) */
+        s->scheduled = true;
+        return;
+    }
     if (ji_pg_call_start(&s->call, w->pg_pool, SQL_SWEEP, 0, NULL, sweep_on_result) == 0)
         s->running = true;
 }
