@@ -370,8 +370,12 @@ static void *worker_run(void *arg)
     uint64_t grace_end = 0, hard_end = 0;
 
     for (;;) {
-        if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0)
+        /* epoll_wait fails with EINTR when the thread is stopped and continued (SIGSTOP/SIGCONT, a debugger or
+         * strace attaching): the loop goes on */
+        if (h2o_evloop_run(w->ctx.loop, JI_STOP_POLL_MS) != 0 && errno != EINTR) {
+            fprintf(stderr, "event loop failed: %s\n", strerror(errno));
             break;
+        }
         ji_front_door_shed(w);
         if (!atomic_load(&w->server->stopping))
             continue;
