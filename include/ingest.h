@@ -59,6 +59,8 @@ typedef struct st_ji_ingest_env_t {
     ji_ingest_stats_t *stats;
     uint64_t max_upload_bytes; /**< --max-upload-bytes: no append may take an upload past it (0: the default) */
     unsigned upload_expiry_s;  /**< --upload-expiry: an append moves expires_at to now + this (0: the default) */
+    /** Interrupted appends whose owner is gone, still finishing on their own (the loop waits for them to stop). */
+    unsigned orphans;
     /** Loop time (ms) after which the next committed ingest sweeps expired Idempotency-Keys (0: at once). */
     uint64_t next_key_sweep_ms;
 } ji_ingest_env_t;

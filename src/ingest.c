@@ -738,6 +738,7 @@ void ji_ingest_free(ji_ingest_t *in)
     if (in->interrupted && !in->done_delivered) {
         /* finishes on its own: what it received is staged (or its failure settled), then it frees itself */
         in->orphan = true;
+        in->env->orphans++;
         return;
     }
     destroy(in);
@@ -745,6 +746,8 @@ void ji_ingest_free(ji_ingest_t *in)
 
 static void destroy(ji_ingest_t *in)
 {
+    if (in->orphan)
+        in->env->orphans--;
     ji_pg_call_cancel(&in->fail_call);
     if (h2o_timeout_is_linked(&in->defer))
         h2o_timeout_unlink(&in->defer);

@@ -399,8 +399,9 @@ static void *worker_run(void *arg)
         } else {
             ji_front_door_drain(w, false);
         }
-        /* reads start no database work once stopping; wait for theirs too (ji_pg_pool_free wants none busy) */
-        if (h2o_linklist_is_empty(&w->conns) && ji_pg_pool_busy(w->pg_pool) == 0)
+        /* reads start no database work once stopping; wait for theirs too (ji_pg_pool_free wants none busy), and for
+         * interrupted appends still staging what their gone client sent */
+        if (h2o_linklist_is_empty(&w->conns) && ji_pg_pool_busy(w->pg_pool) == 0 && w->ingest_env.orphans == 0)
             break;
         if (hard_end != 0 && h2o_now(w->ctx.loop) >= hard_end) {
             fprintf(stderr, "stopping with %llu uploads still in flight (their files are removed at next start)\n",
