@@ -323,6 +323,24 @@ static bool answer_missing(h2o_req_t *req, PGresult *res, const char *token)
     return false;
 }
 
+/**
+ * The state read of HEAD, GET and DELETE: true when it found a live upload; otherwise the answer is sent (503 on
+ * a database error, whose text goes to stderr only; 404 or 410 through answer_missing).
+ */
+static bool state_is_live(h2o_req_t *req, const char *token, PGresult *res, const char *err)
+{
+    if (err != NULL) {
+        fprintf(stderr, "%.*s /uploads/%s: database: %s\n", (int)req->method.len, req->method.base, token, err);
+        ji_reply_errorf(req, JI_ERR_DB, "database error");
+        return false;
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != STATE_NCOLS) {
+        ji_reply_errorf(req, JI_ERR_INTERNAL, "unexpected answer from the database");
+        return false;
+    }
+    return !answer_missing(req, res, token);
+}
+
 static void state_on_result(ji_pg_call_t *call, PGresult *res, const char *err)
 {
     upload_read_t *r = JI_CONTAINER_OF(call, upload_read_t, call);
@@ -331,16 +349,7 @@ static void state_on_result(ji_pg_call_t *call, PGresult *res, const char *err)
     time_t expires, now = time(NULL);
     char date[JI_HTTP_DATE_CAP];
 
-    if (err != NULL) {
-        fprintf(stderr, "%.*s /uploads/%s: database: %s\n", (int)req->method.len, req->method.base, r->token, err);
-        ji_reply_errorf(req, JI_ERR_DB, "database error");
-        return;
-    }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != STATE_NCOLS) {
-        ji_reply_errorf(req, JI_ERR_INTERNAL, "unexpected answer from the database");
-        return;
-    }
-    if (answer_missing(req, res, r->token))
+    if (!state_is_live(req, r->token, res, err))
         return;
     expires = (time_t)strtoll(PQgetvalue(res, 0, COL_EXPIRES), NULL, 10);
     ji_http_date(expires, date);
@@ -377,16 +386,7 @@ static void delete_check_on_result(ji_pg_call_t *call, PGresult *res, const char
     upload_read_t *r = JI_CONTAINER_OF(call, upload_read_t, call);
     h2o_req_t *req = r->req;
 
-    if (err != NULL) {
-        fprintf(stderr, "DELETE /uploads/%s: database: %s\n", r->token, err);
-        ji_reply_errorf(req, JI_ERR_DB, "database error");
-        return;
-    }
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != STATE_NCOLS) {
-        ji_reply_errorf(req, JI_ERR_INTERNAL, "unexpected answer from the database");
-        return;
-    }
-    if (answer_missing(req, res, r->token))
+    if (!state_is_live(req, r->token, res, err))
         return;
     if (ji_pg_call_start(&r->call, r->w->pg_pool, SQL_DELETE, 1, r->values, delete_on_result) != 0)
         ji_reply_errorf(req, JI_ERR_INTERNAL, "out of memory");
