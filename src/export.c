@@ -36,11 +36,13 @@ static const char SQL_BEGIN[] = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY
  * with a batch still in flight) would be cut; the horizon comes down to its first row, so it is whole or absent.
  * The batches above the horizon are found once (a materialized CTE: usually none, or a few): written as an IN
  * subquery over users, a planner without statistics (a table just filled) may run that subquery again for every
- * row of users, and an export of 200,000 rows then waits minutes for its first page.
+ * row of users, and an export of 200,000 rows then waits minutes for its first page. "OFFSET 0" keeps the planner
+ * from reading min() by walking the primary key from the first user_id (every older row, for a recent batch).
  */
 static const char SQL_WHOLE_BATCHES[] =
     "WITH above AS MATERIALIZED (SELECT DISTINCT batch_id FROM users WHERE user_id >= $1::bigint) "
-    "SELECT least($1::bigint, (SELECT min(u.user_id) FROM users u WHERE u.batch_id IN (SELECT batch_id FROM above)))";
+    "SELECT least($1::bigint, (SELECT min(u.user_id) FROM (SELECT user_id FROM users WHERE batch_id IN "
+    "(SELECT batch_id FROM above) OFFSET 0) u))";
 static const char SQL_PAGE[] =
     "SELECT " JI_USER_COLUMNS " FROM users WHERE user_id > $1 AND user_id < $3 ORDER BY user_id LIMIT $2";
 
