@@ -104,6 +104,9 @@ static inline ji_worker_t *ji_worker_of(h2o_context_t *ctx)
  */
 int ji_server_admit_ingest(ji_worker_t *w, ji_error_t *err) JI_MUST_CHECK;
 void ji_server_release_ingest(ji_worker_t *w);
+/** A client connection of `w` closed (front_door.c): a loop that left new connections to a lighter loop may take
+ * them again. */
+void ji_server_connection_closed(ji_worker_t *w);
 
 /** Runs the service until it fails to start (returns non-zero) or is stopped. */
 int ji_server_run(const ji_config_t *config);

@@ -183,6 +183,7 @@ void ji_conn_close(ji_conn_t *c)
     }
     atomic_fetch_sub_explicit(&c->worker->stats.connections_open, 1, memory_order_relaxed);
     atomic_fetch_sub_explicit(&c->worker->server->connections, 1, memory_order_relaxed);
+    ji_server_connection_closed(c->worker);
     free(c);
 }
 

@@ -277,7 +277,8 @@ static bool another_loop_is_lighter(const ji_worker_t *w)
  * Every worker's loop watches the one listening socket; a loop takes a connection unless another loop holds
  * fewer connections: then it stops watching for JI_ACCEPT_DEFER_MS and leaves the connection to that loop, which is
  * woken too when it waits in epoll (every loop watching the socket is woken). If the connection is still there
- * when the deferral runs out (the lighter loop is busy), this loop takes it. So two big uploads that arrive
+ * when the deferral runs out (the lighter loop is busy), this loop takes it; one of its own connections closing
+ * makes it look again before that (ji_server_connection_closed). So two big uploads that arrive
  * together go to two loops (not both to the first one awake), kept-alive connections spread evenly, and a busy
  * loop never holds up a connection for more than JI_ACCEPT_DEFER_MS. Out of file descriptors (EMFILE, ENFILE) the socket
  * stays readable: stop accepting for JI_ACCEPT_PAUSE_MS instead of spinning.
@@ -297,6 +298,8 @@ static void on_accept(h2o_socket_t *listener, const char *err)
             return;
         }
         w->accept_forced = false;
+        if (h2o_timeout_is_linked(&w->accept_defer))
+            h2o_timeout_unlink(&w->accept_defer); /* taking connections again: the deferral is over */
         errno = 0;
         if ((sock = h2o_evloop_socket_accept(listener)) == NULL) {
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
@@ -308,6 +311,17 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         }
         ji_front_door_accept(w, sock);
     }
+}
+
+/*
+ * A connection of this loop closed. A loop that stopped watching the listening socket because another held fewer
+ * connections watches again at once (it may be the lighter one now) instead of waiting out JI_ACCEPT_DEFER_MS; if it
+ * still holds more, on_accept stops again under the same deadline, so no connection waits longer than before.
+ */
+void ji_server_connection_closed(ji_worker_t *w)
+{
+    if (w->listener != NULL && h2o_timeout_is_linked(&w->accept_defer) && !h2o_timeout_is_linked(&w->accept_pause))
+        h2o_socket_read_start(w->listener, on_accept);
 }
 
 static int worker_init(ji_worker_t *w, ji_server_t *server, int listen_fd)
