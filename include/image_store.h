@@ -73,7 +73,8 @@ typedef struct st_ji_image_info_t {
 /** The files of one request. Memory does not grow with the number of files. */
 typedef struct st_ji_image_batch_t ji_image_batch_t;
 
-/** Starts a request's batch: a fresh random key and its journal. NULL with `err` filled on failure. */
+/** Starts a request's batch: a fresh random key; its journal is created with its first file. NULL with `err` filled
+ * on failure. */
 ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err);
 
 /** The batch key: 32 lowercase hex characters, unique across threads, restarts and hosts. */

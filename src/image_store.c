@@ -14,7 +14,9 @@
  *
  * Journal. ".pending/<key>.list" gets "relative/path\n", appended with one
  * write(), BEFORE the file is created: a crash can leave a listed file that
- * does not exist, never an unlisted one. commit unlinks the journal; abort
+ * does not exist, never an unlisted one. The journal itself is created when
+ * the batch's first file is about to be (a request without images touches
+ * no file at all: five system calls fewer per small request). commit unlinks the journal; abort
  * reads it back (bounded buffer) and unlinks every listed file, then the
  * journal; gc does the same for journals of dead requests. Missing files
  * (ji_image_batch_remove, or a crash before the create) are fine. Lines
@@ -30,12 +32,13 @@
  * or removes their files too (failed, deleted, expired). gc asks about the
  * upload key at the start of the name.
  *
- * Live or dead. A batch holds flock(LOCK_EX) on its journal from begin until
- * its end, so gc (another thread, the `gc` subcommand, another host on a
- * filesystem with working locks) skips journals of requests in flight. A
- * journal gc grabbed between its creation and the batch's flock is seen by
- * the batch (lock refused, or link count 0) and a new key is drawn. Where
- * flock is not supported at all (ENOLCK...), the batch runs unlocked.
+ * Live or dead. A batch holds flock(LOCK_EX) on its journal from its
+ * creation until the batch's end, so gc (another thread, the `gc` subcommand,
+ * another host on a filesystem with working locks) skips journals of requests
+ * in flight. A journal gc grabbed between its creation and the batch's flock
+ * (it lists nothing yet) is seen by the batch (lock refused, or link count 0)
+ * and created again under the same name once gc removed it. Where flock is
+ * not supported at all (ENOLCK...), the batch runs unlocked.
  *
  * Durability (--fsync on). Not one fsync per file: as each file is complete
  * its writeback starts with sync_file_range(SYNC_FILE_RANGE_WRITE) and it is
@@ -78,6 +81,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/openat2.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,7 +118,7 @@
 
 struct st_ji_image_batch_t {
     ji_image_store_t *store;
-    int journal_fd;
+    int journal_fd;      /**< -1 until the first file (open_journal) */
     bool journal_broken; /**< a failed append could not be undone: no more files */
     uint64_t journal_size;
     uint64_t count;
@@ -544,62 +548,67 @@ close_fail:
 /* ---- batches ---- */
 
 /*
- * Creates and locks the batch's journal. `upload_key` NULL: a request of its own (a fresh random key,
- * "<key>.list"); else an append to that upload: "<upload_key>.<seq>.<16 random hex>.list".
+ * A new batch: its key and its journal's name (the journal is created with the first file, open_journal).
+ * `upload_key` NULL: a request of its own (a fresh random key, "<key>.list"); else an append to that upload:
+ * "<upload_key>.<seq>.<16 random hex>.list".
  */
 static ji_image_batch_t *batch_begin(ji_image_store_t *s, const char *upload_key, uint64_t seq, ji_error_t *err)
 {
     ji_image_batch_t *b = malloc(sizeof(*b));
-    struct stat st;
-    int fd = -1;
 
     if (b == NULL) {
         ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "out of memory for an image batch");
         return NULL;
     }
-    for (int attempt = 0; attempt < JI_IMAGE_NAME_ATTEMPTS; attempt++) {
-        if (random_hex(b->key) != 0) {
-            io_error(err, 0, errno, "getrandom");
-            goto fail;
-        }
-        if (upload_key == NULL) {
-            snprintf(b->journal, sizeof(b->journal), "%s" JOURNAL_SUFFIX, b->key);
-        } else {
-            snprintf(b->journal, sizeof(b->journal), "%.32s.%llu.%.16s" JOURNAL_SUFFIX, upload_key,
-                     (unsigned long long)seq, b->key);
-            memcpy(b->key, upload_key, HEX_CHARS);
-        }
-        fd = openat(s->pending_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, JI_IMAGE_FILE_MODE);
-        if (fd < 0) {
-            if (errno == EEXIST)
-                continue;
-            io_error(err, 0, errno, "cannot create the image journal");
-            goto fail;
-        }
-        int locked = flock(fd, LOCK_EX | LOCK_NB);
-        if (locked != 0 && errno != EWOULDBLOCK)
-            break; /* no locks on this filesystem: run unlocked */
-        if (locked == 0 && fstat(fd, &st) == 0 && st.st_nlink > 0)
-            break;
-        /* gc took this journal between our create and our lock; it will remove it. */
-        close(fd);
-        fd = -1;
+    if (random_hex(b->key) != 0) {
+        io_error(err, 0, errno, "getrandom");
+        free(b);
+        return NULL;
     }
-    if (fd < 0) {
-        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot create the image journal: no free key after %d attempts",
-                     JI_IMAGE_NAME_ATTEMPTS);
-        goto fail;
+    if (upload_key == NULL) {
+        snprintf(b->journal, sizeof(b->journal), "%s" JOURNAL_SUFFIX, b->key);
+    } else {
+        snprintf(b->journal, sizeof(b->journal), "%.32s.%llu.%.16s" JOURNAL_SUFFIX, upload_key, (unsigned long long)seq,
+                 b->key);
+        memcpy(b->key, upload_key, HEX_CHARS);
     }
     b->store = s;
-    b->journal_fd = fd;
+    b->journal_fd = -1;
     b->journal_broken = false;
     b->journal_size = 0;
     b->count = 0;
     return b;
+}
 
-fail:
-    free(b);
-    return NULL;
+/*
+ * Creates and locks the batch's journal, before its first file. The name holds 128 random bits (a request's key,
+ * or an append's tag): EEXIST is gc holding a journal it found unlocked between our create and our lock, about to
+ * remove it (it lists nothing), so the same name is tried again. 0 or errno.
+ */
+static int open_journal(ji_image_batch_t *b)
+{
+    struct stat st;
+
+    for (int attempt = 0; attempt < JI_IMAGE_NAME_ATTEMPTS; attempt++) {
+        int fd = openat(b->store->pending_fd, b->journal, O_RDWR | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC,
+                        JI_IMAGE_FILE_MODE);
+        if (fd < 0) {
+            if (errno == EEXIST) {
+                sched_yield();
+                continue;
+            }
+            return errno;
+        }
+        int locked = flock(fd, LOCK_EX | LOCK_NB);
+        if ((locked != 0 && errno != EWOULDBLOCK) || (locked == 0 && fstat(fd, &st) == 0 && st.st_nlink > 0)) {
+            b->journal_fd = fd; /* locked, or no locks on this filesystem: run unlocked */
+            return 0;
+        }
+        /* gc took this journal between our create and our lock; it will remove it. */
+        close(fd);
+        sched_yield();
+    }
+    return EEXIST;
 }
 
 ji_image_batch_t *ji_image_batch_begin(ji_image_store_t *s, ji_error_t *err)
@@ -625,6 +634,8 @@ static int journal_append(ji_image_batch_t *b, const char *path)
     ssize_t w;
     int e;
 
+    if (b->journal_fd < 0 && (e = open_journal(b)) != 0)
+        return e;
     do
         w = write(b->journal_fd, entry, n);
     while (w < 0 && errno == EINTR);
@@ -815,8 +826,8 @@ void ji_image_batch_remove(ji_image_batch_t *b, const ji_image_info_t *info)
 
 int ji_image_batch_sync(ji_image_batch_t *b, ji_error_t *err)
 {
-    if (!b->store->fsync)
-        return 0;
+    if (!b->store->fsync || b->journal_fd < 0)
+        return 0; /* no journal: no file either */
     /* The journal lives on the images filesystem; its fd's error cursor dates from this batch's begin. */
     if (syncfs(b->journal_fd) != 0)
         return io_error(err, 0, errno, "cannot make the images durable (syncfs)");
@@ -873,24 +884,29 @@ static int remove_listed(int dir_fd, int fd, uint64_t *removed)
 
 void ji_image_batch_commit(ji_image_batch_t *b)
 {
-    (void)unlinkat(b->store->pending_fd, b->journal, 0);
-    close(b->journal_fd); /* releases the lock after the unlink: gc never sees a committed journal as dead */
+    if (b->journal_fd >= 0) {
+        (void)unlinkat(b->store->pending_fd, b->journal, 0);
+        close(b->journal_fd); /* releases the lock after the unlink: gc never sees a committed journal as dead */
+    }
     free(b);
 }
 
 void ji_image_batch_forget(ji_image_batch_t *b)
 {
     /* Files and journal stay; closing the journal drops the lock, so gc may now judge the batch. */
-    close(b->journal_fd);
+    if (b->journal_fd >= 0)
+        close(b->journal_fd);
     free(b);
 }
 
 void ji_image_batch_abort(ji_image_batch_t *b)
 {
     /* If a file could not be removed, the journal stays for gc (which will find it unlocked and uncommitted). */
-    if (remove_listed(b->store->dir_fd, b->journal_fd, NULL) == 0)
-        (void)unlinkat(b->store->pending_fd, b->journal, 0);
-    close(b->journal_fd);
+    if (b->journal_fd >= 0) {
+        if (remove_listed(b->store->dir_fd, b->journal_fd, NULL) == 0)
+            (void)unlinkat(b->store->pending_fd, b->journal, 0);
+        close(b->journal_fd);
+    }
     free(b);
 }
 

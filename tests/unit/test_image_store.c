@@ -785,6 +785,49 @@ static void test_gc(void)
     teardown(&f);
 }
 
+/* A batch without files touches nothing on disk: its journal appears with its first file. Every way to end a
+ * batch then works without one (commit, forget, abort, sync with --fsync on). */
+static void test_journal_with_the_first_file(void)
+{
+    fixture_t f;
+    ji_image_batch_t *b;
+    ji_image_info_t info;
+    char p[PATH_MAX];
+
+    if (!setup(&f, true))
+        return;
+    for (int end = 0; end < 3; end++) {
+        b = ji_image_batch_begin(&f.store, &f.err);
+        CHECK(b != NULL);
+        if (b == NULL)
+            break;
+        CHECK_EQ_INT(count_journals(&f), 0);
+        CHECK_EQ_INT(ji_image_batch_sync(b, &f.err), 0);
+        if (end == 0)
+            ji_image_batch_commit(b);
+        else if (end == 1)
+            ji_image_batch_forget(b);
+        else
+            ji_image_batch_abort(b);
+        CHECK_EQ_INT(count_journals(&f), 0);
+    }
+    b = ji_image_batch_begin(&f.store, &f.err);
+    CHECK(b != NULL);
+    if (b != NULL) {
+        snprintf(p, sizeof(p), ".pending/%s.list", ji_image_batch_key(b));
+        CHECK(!exists(&f, p));
+        CHECK_EQ_INT(ji_image_batch_write(b, 1, "R0lGODlh", 8, &info, &f.err), 0);
+        CHECK(exists(&f, p)); /* the journal under the batch's key, before the file */
+        CHECK_EQ_INT(ji_image_batch_write(b, 2, "iVBORw0KGgo", 11, &info, &f.err), 0);
+        CHECK_EQ_INT(count_journals(&f), 1);
+        CHECK_EQ_INT(ji_image_batch_sync(b, &f.err), 0);
+        ji_image_batch_abort(b);
+        CHECK_EQ_INT(count_journals(&f), 0);
+        CHECK_EQ_INT(count_files(&f), 0);
+    }
+    teardown(&f);
+}
+
 /* forget: the outcome is unknown, so files and journal stay (unlocked) for gc to judge. */
 static void test_forget(void)
 {
@@ -1321,6 +1364,7 @@ UNIT_MAIN("image_store", {"open", test_open}, {"magic", test_magic},
           {"magic_after_whitespace", test_magic_after_whitespace}, {"big_files_and_commit", test_big_files_and_commit},
           {"fsync_on", test_fsync_on}, {"no_image", test_no_image}, {"data_urls", test_data_urls},
           {"invalid", test_invalid}, {"remove_and_abort", test_remove_and_abort}, {"abort_many", test_abort_many},
-          {"gc", test_gc}, {"forget", test_forget}, {"modes", test_modes}, {"shard_symlinks", test_shard_symlinks},
+          {"gc", test_gc}, {"journal_with_the_first_file", test_journal_with_the_first_file}, {"forget", test_forget},
+          {"modes", test_modes}, {"shard_symlinks", test_shard_symlinks},
           {"gc_and_pending_symlinks", test_gc_and_pending_symlinks}, {"open_file", test_open_file},
           {"disk_full", test_disk_full}, {"speed", test_speed})
