@@ -136,6 +136,13 @@ ji_ingest_t *ji_ingest_new(ji_ingest_env_t *env, const ji_ingest_params_t *param
 size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len);
 
 /**
+ * The owner holds the whole rest of the body: the next ji_ingest_feed is its last before ji_ingest_end. The rows
+ * of that feed then wait for the end and go to the database with COPY's end, in one write (a small request pays
+ * one system call and one wake-up of the server process fewer).
+ */
+void ji_ingest_last_bytes(ji_ingest_t *in);
+
+/**
  * Record mode (the JSON-array path, whose owner parsed the body itself): one record, checked and stored like a
  * JSON Lines record. `line` is the record's position (1-based); `image` NULL or empty means none. 0 = taken,
  * 1 = taken but the database is backed up (wait for resume before the next), -1 = refused (not ready, or the

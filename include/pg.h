@@ -107,6 +107,12 @@ int ji_pg_script(ji_pg_t *pg, const char *sql, ji_pg_script_cb cb, void *ctx) JI
  */
 int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len) JI_MUST_CHECK;
 
+/**
+ * During COPY IN: queues `len` bytes without trying to send them, for the last data before ji_pg_copy_end (whose
+ * flush then sends both in one write). 0, or -1 = connection failed (see ji_pg_error).
+ */
+int ji_pg_copy_queue(ji_pg_t *pg, const char *data, size_t len) JI_MUST_CHECK;
+
 /** Sets the drain/failure callback used during COPY IN (NULL to clear). */
 void ji_pg_set_event_cb(ji_pg_t *pg, ji_pg_event_cb cb, void *ctx);
 

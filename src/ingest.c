@@ -554,6 +554,11 @@ static size_t feed_replay(ji_ingest_t *in, const char *data, size_t len)
     return len;
 }
 
+void ji_ingest_last_bytes(ji_ingest_t *in)
+{
+    in->last_bytes = true;
+}
+
 size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
 {
     size_t consumed = 0;
@@ -590,8 +595,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))
         return consumed;
-    /* rows reach the database while the body still arrives */
-    if (!in->paused && flush_rows(in) < 0)
+    /* rows reach the database while the body still arrives (the last ones with COPY's end) */
+    if (!in->paused && !in->last_bytes && flush_rows(in) < 0)
         return consumed;
     if (consumed < len || in->paused)
         in->refused = true;
@@ -688,8 +693,12 @@ void ji_ingest_finish_rows(ji_ingest_t *in)
     if (in->paused)
         return;
     if (in->copy_len > 0) {
-        if (flush_rows(in) != 0)
-            return; /* failed, or backed up: the drain event comes back here */
+        /* the last rows go with COPY's end: one write instead of two */
+        if (ji_pg_copy_queue(in->pg, in->copy_buf, in->copy_len) != 0) {
+            ji_ingest_tx_fail(in, "connection lost during COPY", NULL, ji_pg_error(in->pg));
+            return;
+        }
+        in->copy_len = 0;
     }
     ji_ingest_tx_end_copy(in);
 }

@@ -59,6 +59,7 @@ struct st_ji_ingest_t {
     ingest_state_t state;
     ingest_state_t state_before_failure;
     bool ended;              /**< the owner fed every body byte */
+    bool last_bytes;         /**< the next feed is the body's last: its rows go with COPY's end */
     bool lines_ended;        /**< the splitter saw the end of input */
     bool paused;             /**< COPY output backed up: waiting for the drain event */
     bool refused;            /**< the owner was given less than it offered: it waits for resume */

@@ -754,7 +754,7 @@ int ji_pg_script(ji_pg_t *pg, const char *sql, ji_pg_script_cb cb, void *ctx)
     return 0;
 }
 
-int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len)
+int ji_pg_copy_queue(ji_pg_t *pg, const char *data, size_t len)
 {
     int r;
 
@@ -771,6 +771,15 @@ int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len)
         data += piece;
         len -= piece;
     }
+    return 0;
+}
+
+int ji_pg_copy_put(ji_pg_t *pg, const char *data, size_t len)
+{
+    int r;
+
+    if (ji_pg_copy_queue(pg, data, len) != 0)
+        return -1;
     if ((r = flush_output(pg)) < 0) {
         break_quietly(pg);
         return -1;

@@ -513,6 +513,8 @@ static void process_stream(ji_upload_t *u, size_t avail)
     }
     if (wait_for_more(u, avail, u->body.complete))
         return;
+    if (u->body.complete)
+        ji_ingest_last_bytes(u->ingest);
     taken = avail != 0 ? ji_ingest_feed(u->ingest, u->conn->sock->input->bytes, avail) : 0;
     consume_wire(u, taken);
     if (taken < avail) {
