@@ -721,30 +721,51 @@ static void start_replay(ji_ingest_t *in, const ji_key_claim_t *claim)
 
 /* ---- the start ---- */
 
-static void on_key_claimed(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
+/* ---- the key's claim: one switch over its outcome, for a POST and for an upload's final commit ---- */
+
+/**
+ * What a request does with each outcome of its key's claim: go on (the key is free), answer from the kept answer
+ * (the key committed earlier), or 409 with `running` (the key's first request still runs: never wait for it).
+ */
+typedef struct {
+    void (*free)(ji_ingest_t *in);
+    void (*committed)(ji_ingest_t *in, const ji_key_claim_t *claim);
+    const char *running;
+} key_claim_steps_t;
+
+static void settle_key_claim(ji_ingest_t *in, const ji_key_claim_t *claim, const key_claim_steps_t *steps)
 {
-    ji_ingest_t *in = ctx;
     ji_error_t e;
 
-    (void)pg;
     in->key_locked = claim->locked;
     switch (claim->found) {
     case JI_KEY_FREE:
-        send_opening(in);
+        steps->free(in);
         return;
     case JI_KEY_COMMITTED:
-        start_replay(in, claim);
+        steps->committed(in, claim);
         return;
     case JI_KEY_RUNNING:
-        /* its first request holds the key's lock until it commits or rolls back: never wait for it */
-        ji_error_set(&e, JI_ERR_CONFLICT, 0, NULL,
-                     "a request with this Idempotency-Key is still in progress: retry once it has finished");
+        /* its first request holds the key's lock until it commits or rolls back */
+        ji_error_set(&e, JI_ERR_CONFLICT, 0, NULL, "%s", steps->running);
         ji_ingest_abort(in, &e);
         return;
     case JI_KEY_FAILED:
         ji_ingest_tx_fail(in, claim->what, claim->res, claim->err);
         return;
     }
+}
+
+static const key_claim_steps_t POST_KEY_STEPS = {
+    .free = send_opening,
+    .committed = start_replay,
+    .running = "a request with this Idempotency-Key is still in progress: retry once it has finished",
+};
+
+static void on_key_claimed(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
+{
+    (void)pg;
+    settle_key_claim(ctx, claim, &POST_KEY_STEPS);
 }
 
 static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -1168,29 +1189,16 @@ static void send_final_replay(ji_ingest_t *in, const ji_key_claim_t *claim)
         ji_ingest_tx_fail(in, "updating the upload failed", NULL, ji_pg_error(in->pg));
 }
 
+static const key_claim_steps_t FINAL_KEY_STEPS = {
+    .free = send_final_batch,
+    .committed = send_final_replay,
+    .running = "a request with this upload's Idempotency-Key is still in progress: retry once it has finished",
+};
+
 static void on_final_key(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
 {
-    ji_ingest_t *in = ctx;
-    ji_error_t e;
-
     (void)pg;
-    in->key_locked = claim->locked;
-    switch (claim->found) {
-    case JI_KEY_FREE:
-        send_final_batch(in);
-        return;
-    case JI_KEY_COMMITTED:
-        send_final_replay(in, claim);
-        return;
-    case JI_KEY_RUNNING:
-        ji_error_set(&e, JI_ERR_CONFLICT, 0, NULL,
-                     "a request with this upload's Idempotency-Key is still in progress: retry once it has finished");
-        ji_ingest_abort(in, &e);
-        return;
-    case JI_KEY_FAILED:
-        ji_ingest_tx_fail(in, claim->what, claim->res, claim->err);
-        return;
-    }
+    settle_key_claim(ctx, claim, &FINAL_KEY_STEPS);
 }
 
 static void send_final(ji_ingest_t *in)
