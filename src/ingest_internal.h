@@ -1,9 +1,11 @@
 /*
- * ingest_internal.h — what the two files of the ingest share, and nothing
+ * ingest_internal.h — what the three files of the ingest share, and nothing
  * else includes: the request object, its states, and the calls between
- * ingest.c (the request: its owner, its body, records and rows, failure) and
- * ingest_tx.c (its transaction: every database step, the Idempotency-Key's
- * replay, the answer built before COMMIT).
+ * ingest.c (the request: its owner, its body, records and rows, failure),
+ * ingest_tx.c (its transaction: every database step of a POST, the COPY's
+ * end and the dead letters' for both, the Idempotency-Key's claim and replay,
+ * the answer built before COMMIT) and ingest_append.c (the steps of an
+ * append to a resumable upload, docs/resumable.md).
  */
 #ifndef JI_INGEST_INTERNAL_H
 #define JI_INGEST_INTERNAL_H
@@ -168,9 +170,42 @@ bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
 uint64_t ji_ingest_lines(const ji_ingest_t *in);
 /** Gives the connection back to be rolled back in the background (the answer does not wait). */
 void ji_ingest_tx_release(ji_ingest_t *in);
-/** Append, fail mode: a record ended the upload. Marks it failed (its staged rows and files dropped), then answers. */
-void ji_ingest_tx_fail_upload(ji_ingest_t *in);
+/** The success answer (POST /users JSON), built before COMMIT so that an Idempotency-Key can keep it with the batch. */
+void ji_ingest_tx_build_answer(ji_ingest_t *in);
+/** Answers 200 with what in->answer holds. */
+void ji_ingest_tx_succeed(ji_ingest_t *in);
+/** TTL of Idempotency-Keys (seconds). */
+unsigned ji_ingest_tx_key_ttl(const ji_ingest_t *in);
+/**
+ * A committed request's connection goes back to the pool; once per sweep interval of this loop it first clears
+ * expired Idempotency-Keys, in the background (the answer does not wait).
+ */
+void ji_ingest_tx_give_back(ji_ingest_t *in);
+/** The connection is in COPY IN: the body streams (the rows go to the COPY, its drain events come back here). */
+void ji_ingest_tx_stream(ji_ingest_t *in);
+
+/**
+ * What a request does with each outcome of its key's claim: go on (the key is free), answer from the kept answer
+ * (the key committed earlier), or 409 with `running` (the key's first request still runs: never wait for it).
+ */
+typedef struct {
+    void (*free)(ji_ingest_t *in);
+    void (*committed)(ji_ingest_t *in, const ji_key_claim_t *claim);
+    const char *running;
+} ji_key_claim_steps_t;
+/** The one switch over a claim's outcome (ji_idempotency_claim's callback), taking the request's `steps`. */
+void ji_ingest_tx_settle_claim(ji_ingest_t *in, const ji_key_claim_t *claim, const ji_key_claim_steps_t *steps);
+
+/* ---- ingest_append.c ---- */
+
+/** An append's dead letters, staged with the upload's id (ingest_tx.c's COPY of the rejected records). */
+#define JI_COPY_UPLOAD_REJECTED_SQL "COPY upload_rejected (upload_id, line, error, field, record, truncated) FROM STDIN"
+
+/** Append, the transaction begun: the upload's lock and row, then the COPY of its rows (or the refusal). */
+void ji_ingest_append_open(ji_ingest_t *in);
 /** Append: the complete lines are all staged (the COPY of this append's rows ended): stage or finish the upload. */
 void ji_ingest_tx_end_append(ji_ingest_t *in);
+/** Append, fail mode: a record ended the upload. Marks it failed (its staged rows and files dropped), then answers. */
+void ji_ingest_tx_fail_upload(ji_ingest_t *in);
 
 #endif

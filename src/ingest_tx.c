@@ -38,10 +38,10 @@
  * key is free when the client learns of the failure. PostgreSQL's own
  * messages go to stderr, never into an answer.
  *
- * Appends to a resumable upload take their own path (see "appends to a
- * resumable upload" below and docs/resumable.md): the upload's lock and row
- * first, their rows staged in upload_rows, and at the end either the
- * upload's offset moved (204) or every staged row moved into users (200).
+ * Appends to a resumable upload share the connection, the COPY's end, the
+ * dead letters (into upload_rejected), failure and the key's claim with a
+ * POST; their own steps (the upload's lock and row, the staging, the final
+ * commit, fail mode) are in ingest_append.c.
  */
 #include "ingest_internal.h"
 
@@ -54,15 +54,6 @@
 #include "export.h"
 #include "row_encoder.h"
 #include "schema.h"
-
-/** An append's rows and dead letters: staged with the upload's id (the same text columns as users' and
- * rejected_records', the line where a users row has its batch_id). */
-#define COPY_UPLOAD_ROWS_SQL                                                                                           \
-    "COPY upload_rows (upload_id, line, name, email, image_path, image_type, image_size) FROM STDIN"
-#define COPY_UPLOAD_REJECTED_SQL "COPY upload_rejected (upload_id, line, error, field, record, truncated) FROM STDIN"
-
-static void send_takeover(ji_ingest_t *in);
-static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err);
 
 /** SQLSTATE of a lock not granted within lock_timeout. */
 #define JI_SQLSTATE_LOCK_NOT_AVAILABLE "55P03"
@@ -158,8 +149,7 @@ static double elapsed_ms(const ji_ingest_t *in)
     return (now.tv_sec - in->started.tv_sec) * 1e3 + (now.tv_nsec - in->started.tv_nsec) / 1e6;
 }
 
-/** The success answer, built before COMMIT so that an Idempotency-Key can keep it in the same transaction. */
-static void build_answer(ji_ingest_t *in)
+void ji_ingest_tx_build_answer(ji_ingest_t *in)
 {
     ji_text_t *t = &in->answer;
 
@@ -195,8 +185,7 @@ uint64_t ji_ingest_lines(const ji_ingest_t *in)
     return in->record_mode ? in->inserted + in->skipped : ji_splitter_lines_done(&in->splitter);
 }
 
-/** Answers 200 with what in->answer holds. */
-static void succeed(ji_ingest_t *in)
+void ji_ingest_tx_succeed(ji_ingest_t *in)
 {
     in->state = ST_DONE;
     in->status = 200;
@@ -205,21 +194,16 @@ static void succeed(ji_ingest_t *in)
 
 /* ------------------------------------------------------------------ the steps, last to first */
 
-/** TTL of Idempotency-Keys (seconds). */
-static unsigned key_ttl(const ji_ingest_t *in)
+unsigned ji_ingest_tx_key_ttl(const ji_ingest_t *in)
 {
     return in->env->idempotency_ttl_s != 0 ? in->env->idempotency_ttl_s : JI_DEFAULT_IDEMPOTENCY_TTL_S;
 }
 
-/**
- * A committed request's connection goes back to the pool; once per sweep interval of this loop it first clears
- * expired Idempotency-Keys, in the background (the answer does not wait).
- */
-static void give_back_committed(ji_ingest_t *in)
+void ji_ingest_tx_give_back(ji_ingest_t *in)
 {
     ji_ingest_env_t *env = in->env;
     uint64_t now = h2o_now(env->loop);
-    unsigned ttl = key_ttl(in);
+    unsigned ttl = ji_ingest_tx_key_ttl(in);
     char sql[JI_SCHEMA_EXPIRE_STATEMENT_CAP];
 
     if (now >= env->next_key_sweep_ms) {
@@ -270,38 +254,12 @@ static void committed(ji_ingest_t *in)
 {
     ji_image_batch_commit(in->images);
     in->images = NULL;
-    give_back_committed(in);
+    ji_ingest_tx_give_back(in);
     atomic_fetch_add_explicit(&in->env->stats->ingests_ok, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->records, in->inserted, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->rejected_records, in->skipped, memory_order_relaxed);
     atomic_fetch_add_explicit(&in->env->stats->images, in->images_stored, memory_order_relaxed);
-    succeed(in);
-}
-
-static void on_append_commit(ji_ingest_t *in);
-
-/** An append's COMMIT (its end, or the upload's final commit) is done or failed. */
-static void on_commit(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        if (PQstatus(ji_pg_conn(pg)) != CONNECTION_OK) {
-            /* COMMIT may or may not have happened: keep the files and their journal, gc settles it */
-            ji_image_batch_forget(in->images);
-            in->images = NULL;
-        }
-        ji_ingest_tx_fail(in, "COMMIT failed", res, err);
-        return;
-    }
-    on_append_commit(in);
-}
-
-static void send_commit(ji_ingest_t *in)
-{
-    in->state = ST_COMMIT;
-    if (ji_pg_query(in->pg, "COMMIT", 0, NULL, on_commit, in) != 0)
-        ji_ingest_tx_fail(in, "sending COMMIT failed", NULL, ji_pg_error(in->pg));
+    ji_ingest_tx_succeed(in);
 }
 
 /**
@@ -338,7 +296,7 @@ static void on_counts_committed(ji_pg_t *pg, void *ctx, PGresult *const *results
         return;
     }
     take_id_range(in, results[0]);
-    build_answer(in);
+    ji_ingest_tx_build_answer(in);
     committed(in);
 }
 
@@ -387,7 +345,7 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         return;
     }
     take_id_range(in, res);
-    build_answer(in);
+    ji_ingest_tx_build_answer(in);
     if ((digest = ji_request_digest_hex(in->digest)) == NULL) {
         ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "computing the request digest failed");
         ji_ingest_abort(in, &e);
@@ -526,7 +484,7 @@ static void on_copy_end(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         return;
     }
     in->state = ST_DEAD_LETTERS;
-    if (ji_pg_query(pg, in->append ? COPY_UPLOAD_REJECTED_SQL : JI_COPY_REJECTED_SQL, 0, NULL, on_dead_letters_start,
+    if (ji_pg_query(pg, in->append ? JI_COPY_UPLOAD_REJECTED_SQL : JI_COPY_REJECTED_SQL, 0, NULL, on_dead_letters_start,
                     in) != 0)
         ji_ingest_tx_fail(in, "starting the COPY of the rejected records failed", NULL, ji_pg_error(pg));
 }
@@ -554,17 +512,10 @@ static void on_pg_event(ji_pg_t *pg, void *ctx, const char *err)
         go_on_streaming(in);
 }
 
-/** An append's COPY into upload_rows started: the body streams. */
-static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+void ji_ingest_tx_stream(ji_ingest_t *in)
 {
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "starting COPY failed", res, err);
-        return;
-    }
     in->state = ST_STREAMING;
-    ji_pg_set_event_cb(pg, on_pg_event, in);
+    ji_pg_set_event_cb(in->pg, on_pg_event, in);
     go_on_streaming(in);
 }
 
@@ -670,7 +621,7 @@ void ji_ingest_tx_end_replay(ji_ingest_t *in)
         return;
     }
     in->replayed = true;
-    succeed(in);
+    ji_ingest_tx_succeed(in);
 }
 
 static void on_replay_unlocked(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -723,17 +674,7 @@ static void start_replay(ji_ingest_t *in, const ji_key_claim_t *claim)
 
 /* ---- the key's claim: one switch over its outcome, for a POST and for an upload's final commit ---- */
 
-/**
- * What a request does with each outcome of its key's claim: go on (the key is free), answer from the kept answer
- * (the key committed earlier), or 409 with `running` (the key's first request still runs: never wait for it).
- */
-typedef struct {
-    void (*free)(ji_ingest_t *in);
-    void (*committed)(ji_ingest_t *in, const ji_key_claim_t *claim);
-    const char *running;
-} key_claim_steps_t;
-
-static void settle_key_claim(ji_ingest_t *in, const ji_key_claim_t *claim, const key_claim_steps_t *steps)
+void ji_ingest_tx_settle_claim(ji_ingest_t *in, const ji_key_claim_t *claim, const ji_key_claim_steps_t *steps)
 {
     ji_error_t e;
 
@@ -756,7 +697,7 @@ static void settle_key_claim(ji_ingest_t *in, const ji_key_claim_t *claim, const
     }
 }
 
-static const key_claim_steps_t POST_KEY_STEPS = {
+static const ji_key_claim_steps_t POST_KEY_STEPS = {
     .free = send_opening,
     .committed = start_replay,
     .running = "a request with this Idempotency-Key is still in progress: retry once it has finished",
@@ -765,7 +706,7 @@ static const key_claim_steps_t POST_KEY_STEPS = {
 static void on_key_claimed(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
 {
     (void)pg;
-    settle_key_claim(ctx, claim, &POST_KEY_STEPS);
+    ji_ingest_tx_settle_claim(ctx, claim, &POST_KEY_STEPS);
 }
 
 static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
@@ -777,11 +718,12 @@ static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         return;
     }
     if (in->append) {
-        send_takeover(in);
+        ji_ingest_append_open(in);
         return;
     }
     in->state = ST_CLAIM;
-    if (ji_idempotency_claim(&in->claim, pg, in->keyed ? in->key : NULL, key_ttl(in), on_key_claimed, in) != 0)
+    if (ji_idempotency_claim(&in->claim, pg, in->keyed ? in->key : NULL, ji_ingest_tx_key_ttl(in), on_key_claimed,
+                             in) != 0)
         ji_ingest_tx_fail(in, "starting the transaction failed", NULL, ji_pg_error(pg));
 }
 
@@ -818,510 +760,4 @@ void ji_ingest_tx_end_copy(ji_ingest_t *in)
     ji_pg_set_event_cb(in->pg, NULL, NULL);
     if (ji_pg_copy_end(in->pg, NULL, on_copy_end, in) != 0)
         ji_ingest_tx_fail(in, "ending COPY failed", NULL, ji_pg_error(in->pg));
-}
-
-/* ------------------------------------------------------------------ appends to a resumable upload */
-
-/*
- * BEGIN -> UP_TAKEOVER (the row by its token; lock_timeout; every other holder of the upload lock terminated)
- *   -> UP_LOCK (the lock, the row FOR UPDATE: the newest committed version, whatever the snapshot)
- *   -> COPY upload_rows -> STREAMING -> COPY_END -> [DEAD_LETTERS into upload_rejected]
- *   -> not completing: UP_CLOSE (offset, counts, expiry) -> COMMIT: 204
- *   -> completing: [UP_ERRORS] -> [UP_KEY] -> UP_BATCH (batch + export horizon) -> UP_MOVE (staged rows into
- *      users, ORDER BY line; dead letters into rejected_records; staging deleted) -> UP_CLOSE -> COMMIT: 200
- */
-
-static unsigned upload_expiry(const ji_ingest_t *in)
-{
-    return in->env->upload_expiry_s != 0 ? in->env->upload_expiry_s : JI_DEFAULT_UPLOAD_EXPIRY_S;
-}
-
-/** Refuses the append before anything of it was kept: `status` may differ from the kind's (410). */
-static void refuse_append(ji_ingest_t *in, ji_error_kind_t kind, int status, uint64_t offset, const char *message)
-{
-    ji_error_t e;
-
-    ji_error_set(&e, kind, 0, NULL, "%s", message);
-    in->result_offset = offset;
-    ji_ingest_abort(in, &e);
-    in->status = status;
-}
-
-/** The rows of this append go to upload_rows from here on. */
-static void start_append_copy(ji_ingest_t *in)
-{
-    ji_error_t e;
-
-    if ((in->images = ji_image_batch_begin_append(in->env->images, in->upload_key, in->seq, &e)) == NULL) {
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    if (in->params.skip_errors && (in->dead = ji_dead_letters_new(in->env->images->pending_fd)) == NULL) {
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    in->state = ST_COPY_START;
-    if (ji_pg_query(in->pg, COPY_UPLOAD_ROWS_SQL, 0, NULL, on_copy_start, in) != 0)
-        ji_ingest_tx_fail(in, "sending COPY failed", NULL, ji_pg_error(in->pg));
-}
-
-static int64_t field_int(const PGresult *res, int col, int64_t null_value)
-{
-    return PQgetisnull(res, 0, col) ? null_value : strtoll(PQgetvalue(res, 0, col), NULL, 10);
-}
-
-enum {
-    ROW_LOCK,
-    ROW_STATE,
-    ROW_EXPIRED,
-    ROW_LENGTH,
-    ROW_OFFSET,
-    ROW_LINES,
-    ROW_INSERTED,
-    ROW_SKIPPED,
-    ROW_IMAGES,
-    ROW_APPENDS,
-    ROW_SKIP_ERRORS,
-    ROW_MAX_ERRORS,
-    ROW_KEY,
-    ROW_BATCH_KEY,
-};
-
-static void on_upload_row(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    const char *state;
-    uint64_t offset;
-
-    (void)pg;
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "locking the upload failed", res, err);
-        return;
-    }
-    if (PQntuples(res) != 1) {
-        refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload");
-        return;
-    }
-    state = PQgetvalue(res, 0, ROW_STATE);
-    offset = (uint64_t)field_int(res, ROW_OFFSET, 0);
-    if (strcmp(state, "committed") == 0) {
-        refuse_append(in, JI_ERR_CONFLICT, 409, offset, "the upload is complete already");
-        return;
-    }
-    if (strcmp(state, "open") != 0) {
-        refuse_append(in, JI_ERR_NOT_FOUND, 410, offset, "the upload ended (failed or cancelled)");
-        return;
-    }
-    if (PQgetvalue(res, 0, ROW_EXPIRED)[0] == 't') {
-        refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload (it expired)");
-        return;
-    }
-    if (offset != in->app.offset) {
-        refuse_append(in, JI_ERR_CONFLICT, 409, offset, "Upload-Offset is not the upload's offset");
-        return;
-    }
-    in->length = field_int(res, ROW_LENGTH, -1);
-    if (in->app.length >= 0) {
-        if (in->length >= 0 && in->length != in->app.length) {
-            refuse_append(in, JI_ERR_TOO_LARGE, 413, offset, "Upload-Length differs from the upload's length");
-            return;
-        }
-        in->length = in->app.length;
-    }
-    if (in->length >= 0 && ((uint64_t)in->length < offset || (uint64_t)in->length > in->max_upload)) {
-        refuse_append(in, JI_ERR_TOO_LARGE, 413, offset,
-                      (uint64_t)in->length < offset ? "Upload-Length is below the upload's offset"
-                                                    : "Upload-Length is over --max-upload-bytes");
-        return;
-    }
-    in->start_offset = offset;
-    in->result_offset = offset;
-    in->bytes = offset;
-    in->lines_start = (uint64_t)field_int(res, ROW_LINES, 0);
-    in->splitter.line = in->lines_start + 1;
-    in->inserted = (uint64_t)field_int(res, ROW_INSERTED, 0);
-    in->skipped = (uint64_t)field_int(res, ROW_SKIPPED, 0);
-    in->images_stored = (uint64_t)field_int(res, ROW_IMAGES, 0);
-    in->seq = (uint64_t)field_int(res, ROW_APPENDS, 0);
-    in->params.skip_errors = PQgetvalue(res, 0, ROW_SKIP_ERRORS)[0] == 't';
-    if (!PQgetisnull(res, 0, ROW_MAX_ERRORS)) {
-        in->params.has_max_errors = true;
-        in->params.skip_errors = true;
-        in->params.max_errors = (uint64_t)field_int(res, ROW_MAX_ERRORS, 0);
-    }
-    if (!PQgetisnull(res, 0, ROW_KEY)) {
-        snprintf(in->key, sizeof(in->key), "%s", PQgetvalue(res, 0, ROW_KEY));
-        in->keyed = in->key[0] != '\0';
-    }
-    snprintf(in->upload_key, sizeof(in->upload_key), "%s", PQgetvalue(res, 0, ROW_BATCH_KEY));
-    snprintf(in->batch_key, sizeof(in->batch_key), "%s", in->upload_key);
-    start_append_copy(in);
-}
-
-static void on_taken_over(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    const char *params[1] = {in->upload_id_text};
-
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "finding the upload failed", res, err);
-        return;
-    }
-    if (PQntuples(res) != 1) {
-        refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload");
-        return;
-    }
-    snprintf(in->upload_id_text, sizeof(in->upload_id_text), "%s", PQgetvalue(res, 0, 0));
-    in->upload_id = strtoll(in->upload_id_text, NULL, 10);
-    in->state = ST_UP_LOCK;
-    /* FOR UPDATE reads the newest committed version of the row, even one committed after this statement began */
-    if (ji_pg_query(pg,
-                    "SELECT " JI_UPLOAD_LOCK_SQL(
-                        "$1::bigint") ", state, expires_at <= now(), length, upload_offset, "
-                                      "lines, inserted, skipped, images, appends, skip_errors, "
-                                      "max_errors, idempotency_key, batch_key FROM uploads "
-                                      "WHERE upload_id = $1::bigint FOR UPDATE",
-                    1, params, on_upload_row, in) != 0)
-        ji_ingest_tx_fail(in, "locking the upload failed", NULL, ji_pg_error(pg));
-}
-
-static void send_takeover(ji_ingest_t *in)
-{
-    const char *params[2] = {in->app.token, JI_STR(JI_PG_LOCK_TIMEOUT_MS)};
-
-    in->state = ST_UP_TAKEOVER;
-    if (ji_pg_query(in->pg,
-                    "SELECT u.upload_id, set_config('lock_timeout', $2, true), " JI_UPLOAD_TERMINATE_SQL(
-                        "u.upload_id") " FROM uploads u WHERE u.token = $1",
-                    2, params, on_taken_over, in) != 0)
-        ji_ingest_tx_fail(in, "finding the upload failed", NULL, ji_pg_error(in->pg));
-}
-
-/* ---- the end of an append that keeps the upload open ---- */
-
-static void on_upload_closed(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)pg;
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "updating the upload failed", res, err);
-        return;
-    }
-    send_commit(in);
-}
-
-/**
- * The complete lines of this append are staged: the offset moves past the last of them. A dead letter kept for
- * the dropped partial line (one over --max-record-bytes is kept as soon as it crosses the limit) is deleted: the
- * line comes again.
- */
-static void send_stage(ji_ingest_t *in)
-{
-    char v[7][24];
-    const char *params[8] = {in->upload_id_text, v[0], v[1], v[2], v[3], v[4], in->length >= 0 ? v[5] : NULL, v[6]};
-
-    in->result_offset = in->start_offset + in->fed_to_newline;
-    snprintf(v[0], sizeof(v[0]), "%" PRIu64, in->result_offset);
-    snprintf(v[1], sizeof(v[1]), "%" PRIu64, ji_splitter_lines_done(&in->splitter));
-    snprintf(v[2], sizeof(v[2]), "%" PRIu64, in->inserted);
-    snprintf(v[3], sizeof(v[3]), "%" PRIu64, in->skipped);
-    snprintf(v[4], sizeof(v[4]), "%" PRIu64, in->images_stored);
-    snprintf(v[5], sizeof(v[5]), "%" PRId64, in->length);
-    snprintf(v[6], sizeof(v[6]), "%u", upload_expiry(in));
-    in->state = ST_UP_CLOSE;
-    if (ji_pg_query(in->pg,
-                    "WITH d AS (DELETE FROM upload_rejected WHERE upload_id = $1::bigint AND line > $3::bigint) "
-                    "UPDATE uploads SET upload_offset = $2::bigint, lines = $3::bigint, inserted = $4::bigint, "
-                    "skipped = $5::bigint, images = $6::bigint, length = coalesce(length, $7::bigint), "
-                    "appends = appends + 1, updated_at = now(), "
-                    "expires_at = now() + make_interval(secs => $8::int) WHERE upload_id = $1::bigint",
-                    8, params, on_upload_closed, in) != 0)
-        ji_ingest_tx_fail(in, "updating the upload failed", NULL, ji_pg_error(in->pg));
-}
-
-/* ---- the end of an append that completes the upload ---- */
-
-static void send_close(ji_ingest_t *in)
-{
-    char v[7][24];
-    const char *params[10] = {in->upload_id_text,
-                              in->batch_id_text,
-                              v[0],
-                              v[1],
-                              v[2],
-                              v[3],
-                              v[4],
-                              in->answer.base,
-                              in->keyed ? in->answer.base : NULL,
-                              v[5]};
-
-    in->result_offset = in->start_offset + in->fed;
-    snprintf(v[0], sizeof(v[0]), "%" PRIu64, in->inserted);
-    snprintf(v[1], sizeof(v[1]), "%" PRIu64, in->skipped);
-    snprintf(v[2], sizeof(v[2]), "%" PRIu64, ji_ingest_lines(in));
-    snprintf(v[3], sizeof(v[3]), "%" PRIu64, in->images_stored);
-    snprintf(v[4], sizeof(v[4]), "%" PRIu64, in->result_offset);
-    snprintf(v[5], sizeof(v[5]), "%u", upload_expiry(in));
-    in->state = ST_UP_CLOSE;
-    if (ji_pg_query(in->pg,
-                    "WITH b AS (UPDATE batches SET inserted = $3::bigint, skipped = $4::bigint, lines = $5::bigint, "
-                    "images = $6::bigint, bytes = $7::bigint, response = $9 WHERE batch_id = $2::bigint) "
-                    "UPDATE uploads SET state = 'committed', batch_id = $2::bigint, answer_status = 200, answer = $8, "
-                    "upload_offset = $7::bigint, length = $7::bigint, lines = $5::bigint, inserted = $3::bigint, "
-                    "skipped = $4::bigint, images = $6::bigint, appends = appends + 1, updated_at = now(), "
-                    "expires_at = now() + make_interval(secs => $10::int) WHERE upload_id = $1::bigint",
-                    10, params, on_upload_closed, in) != 0)
-        ji_ingest_tx_fail(in, "updating the upload failed", NULL, ji_pg_error(in->pg));
-}
-
-static void on_moved(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    (void)pg;
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "moving the staged rows failed", res, err);
-        return;
-    }
-    if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
-        snprintf(in->first_id, sizeof(in->first_id), "%s", PQgetvalue(res, 0, 0));
-        snprintf(in->last_id, sizeof(in->last_id), "%s", PQgetvalue(res, 0, 1));
-    }
-    build_answer(in);
-    if (in->answer.failed) {
-        ji_error_t e;
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    send_close(in);
-}
-
-/**
- * One statement: every staged row into users in line order (ids ascending with the lines, as a POST's COPY),
- * the staged dead letters into rejected_records, the staging deleted; it tells the first and last user id.
- */
-static void on_final_batch(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    const char *params[2] = {in->upload_id_text, in->batch_id_text};
-    ji_error_t e;
-
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "creating the batch failed", res, err);
-        return;
-    }
-    if (PQntuples(res) == 0) {
-        ji_error_set(&e, JI_ERR_CONFLICT, 0, NULL, "a request with this Idempotency-Key is in progress: retry later");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    snprintf(in->batch_id_text, sizeof(in->batch_id_text), "%s", PQgetvalue(res, 0, 0));
-    in->batch_id = strtoll(in->batch_id_text, NULL, 10);
-    in->state = ST_UP_MOVE;
-    if (ji_pg_query(pg,
-                    "WITH moved AS (INSERT INTO users (name, email, image_path, image_type, image_size, batch_id) "
-                    "SELECT name, email, image_path, image_type, image_size, $2::bigint FROM upload_rows "
-                    "WHERE upload_id = $1::bigint ORDER BY line RETURNING user_id), "
-                    "dead AS (INSERT INTO rejected_records (batch_id, line, error, field, record, truncated) "
-                    "SELECT $2::bigint, line, error, field, record, truncated FROM upload_rejected "
-                    "WHERE upload_id = $1::bigint), "
-                    "r AS (DELETE FROM upload_rows WHERE upload_id = $1::bigint), "
-                    "j AS (DELETE FROM upload_rejected WHERE upload_id = $1::bigint) "
-                    "SELECT min(user_id), max(user_id) FROM moved",
-                    2, params, on_moved, in) != 0)
-        ji_ingest_tx_fail(in, "moving the staged rows failed", NULL, ji_pg_error(pg));
-}
-
-/** The upload's batch, with its key, and the export horizon's lock before any user id is taken (export.h). */
-static void send_final_batch(ji_ingest_t *in)
-{
-    const char *params[2] = {in->upload_key, in->keyed ? in->key : NULL};
-
-    in->state = ST_UP_BATCH;
-    if (ji_pg_query(in->pg,
-                    "WITH b AS (INSERT INTO batches (batch_key, idempotency_key) VALUES ($1, $2) "
-                    "ON CONFLICT DO NOTHING RETURNING batch_id) "
-                    "SELECT b.batch_id FROM b, (" JI_EXPORT_HORIZON_LOCK_SQL ") h",
-                    2, params, on_final_batch, in) != 0)
-        ji_ingest_tx_fail(in, "creating the batch failed", NULL, ji_pg_error(in->pg));
-}
-
-/**
- * The upload's Idempotency-Key committed another batch meanwhile: that batch stands, this upload is dropped (its
- * staged rows deleted, its files removed after COMMIT) and answers the kept answer.
- */
-static void send_final_replay(ji_ingest_t *in, const ji_key_claim_t *claim)
-{
-    char v[2][24];
-    const char *params[5] = {in->upload_id_text, in->key, in->answer.base, v[0], v[1]};
-    ji_error_t e;
-
-    ji_text_free(&in->answer);
-    if (claim->answer == NULL) {
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "the Idempotency-Key is taken but has no answer");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    ji_text_append(&in->answer, claim->answer, claim->answer_len);
-    if (in->answer.failed) {
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    params[2] = in->answer.base;
-    in->replayed = true;
-    in->result_offset = in->start_offset + in->fed;
-    snprintf(v[0], sizeof(v[0]), "%" PRIu64, in->result_offset);
-    snprintf(v[1], sizeof(v[1]), "%u", upload_expiry(in));
-    in->state = ST_UP_CLOSE;
-    if (ji_pg_query(in->pg,
-                    "WITH r AS (DELETE FROM upload_rows WHERE upload_id = $1::bigint), "
-                    "j AS (DELETE FROM upload_rejected WHERE upload_id = $1::bigint) "
-                    "UPDATE uploads SET state = 'committed', "
-                    "batch_id = (SELECT batch_id FROM batches WHERE idempotency_key = $2), answer_status = 200, "
-                    "answer = $3, upload_offset = $4::bigint, length = $4::bigint, appends = appends + 1, "
-                    "updated_at = now(), expires_at = now() + make_interval(secs => $5::int) "
-                    "WHERE upload_id = $1::bigint",
-                    5, params, on_upload_closed, in) != 0)
-        ji_ingest_tx_fail(in, "updating the upload failed", NULL, ji_pg_error(in->pg));
-}
-
-static const key_claim_steps_t FINAL_KEY_STEPS = {
-    .free = send_final_batch,
-    .committed = send_final_replay,
-    .running = "a request with this upload's Idempotency-Key is still in progress: retry once it has finished",
-};
-
-static void on_final_key(ji_key_claim_t *claim, ji_pg_t *pg, void *ctx)
-{
-    (void)pg;
-    settle_key_claim(ctx, claim, &FINAL_KEY_STEPS);
-}
-
-static void send_final(ji_ingest_t *in)
-{
-    if (!in->keyed) {
-        send_final_batch(in);
-        return;
-    }
-    in->state = ST_UP_KEY;
-    if (ji_idempotency_claim(&in->claim, in->pg, in->key, key_ttl(in), on_final_key, in) != 0)
-        ji_ingest_tx_fail(in, "claiming the Idempotency-Key failed", NULL, ji_pg_error(in->pg));
-}
-
-/** Skip mode: the answer's "errors" are the first rejected records of the whole upload. */
-static void on_upload_errors(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-    int n;
-
-    (void)pg;
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "reading the rejected records failed", res, err);
-        return;
-    }
-    n = PQntuples(res);
-    if (n > 0 && in->reported == NULL && (in->reported = calloc(JI_MAX_REPORTED_ERRORS, sizeof(*in->reported))) == NULL)
-        n = 0;
-    in->nreported = 0;
-    for (int i = 0; i < n && i < JI_MAX_REPORTED_ERRORS; i++) {
-        reported_error_t *r = &in->reported[in->nreported++];
-        r->line = strtoull(PQgetvalue(res, i, 0), NULL, 10);
-        snprintf(r->message, sizeof(r->message), "%s", PQgetvalue(res, i, 1));
-        snprintf(r->field, sizeof(r->field), "%s", PQgetvalue(res, i, 2));
-    }
-    send_final(in);
-}
-
-void ji_ingest_tx_end_append(ji_ingest_t *in)
-{
-    const char *params[1] = {in->upload_id_text};
-
-    if (!in->completing) {
-        send_stage(in);
-        return;
-    }
-    if (!in->params.skip_errors || in->skipped == 0) {
-        send_final(in);
-        return;
-    }
-    in->state = ST_UP_ERRORS;
-    if (ji_pg_query(in->pg,
-                    "SELECT line, error, coalesce(field, '') FROM upload_rejected WHERE upload_id = $1::bigint "
-                    "ORDER BY line LIMIT " JI_STR(JI_MAX_REPORTED_ERRORS),
-                    1, params, on_upload_errors, in) != 0)
-        ji_ingest_tx_fail(in, "reading the rejected records failed", NULL, ji_pg_error(in->pg));
-}
-
-/** COMMIT of an append went through. */
-static void on_append_commit(ji_ingest_t *in)
-{
-    ji_error_t e;
-    uint64_t removed = 0;
-
-    if (!in->completing) {
-        /* the files belong to staged rows: files and journal stay until the upload ends */
-        ji_image_batch_forget(in->images);
-        in->images = NULL;
-        give_back_committed(in);
-        ji_text_free(&in->answer);
-        in->state = ST_DONE;
-        in->status = 204;
-        ji_ingest_answer(in);
-        return;
-    }
-    if (in->replayed) {
-        ji_image_batch_abort(in->images);
-        in->images = NULL;
-        if (ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
-            fprintf(stderr, "upload %s: %s\n", in->upload_key, e.message);
-    } else {
-        ji_image_batch_commit(in->images);
-        in->images = NULL;
-        if (ji_image_store_keep_upload(in->env->images, in->upload_key, &e) != 0)
-            fprintf(stderr, "upload %s: %s\n", in->upload_key, e.message);
-        atomic_fetch_add_explicit(&in->env->stats->records, in->inserted, memory_order_relaxed);
-        atomic_fetch_add_explicit(&in->env->stats->rejected_records, in->skipped, memory_order_relaxed);
-        atomic_fetch_add_explicit(&in->env->stats->images, in->images_stored, memory_order_relaxed);
-    }
-    give_back_committed(in);
-    atomic_fetch_add_explicit(&in->env->stats->ingests_ok, 1, memory_order_relaxed);
-    succeed(in);
-}
-
-/* ---- fail mode: a record ended the upload ---- */
-
-static void on_upload_failed(ji_pg_call_t *call, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = JI_CONTAINER_OF(call, ji_ingest_t, fail_call);
-    uint64_t removed = 0;
-    ji_error_t e;
-
-    if (err != NULL)
-        fprintf(stderr, "upload %s: marking it failed: %s\n", in->upload_key, err);
-    /* no row updated: the upload is no longer open (a later append completed it meanwhile), its files stay */
-    else if (res != NULL && strcmp(PQcmdTuples(res), "1") == 0 &&
-             ji_image_store_drop_upload(in->env->images, in->upload_key, &removed, &e) != 0)
-        fprintf(stderr, "upload %s: %s\n", in->upload_key, e.message);
-    ji_ingest_answer(in);
-}
-
-void ji_ingest_tx_fail_upload(ji_ingest_t *in)
-{
-    in->upload_failing = true;
-    snprintf(in->fail_status, sizeof(in->fail_status), "%d", in->status);
-    in->fail_values[0] = in->upload_id_text;
-    in->fail_values[1] = in->fail_status;
-    in->fail_values[2] = in->answer.base;
-    /* a statement of its own, after the append's ROLLBACK (it waits for the row lock the append held) */
-    if (ji_pg_call_start(&in->fail_call, in->env->pg_pool,
-                         "WITH r AS (DELETE FROM upload_rows WHERE upload_id = $1::bigint), "
-                         "j AS (DELETE FROM upload_rejected WHERE upload_id = $1::bigint) "
-                         "UPDATE uploads SET state = 'failed', answer_status = $2::int, answer = $3, "
-                         "updated_at = now() WHERE upload_id = $1::bigint AND state = 'open'",
-                         3, in->fail_values, on_upload_failed) != 0)
-        ji_ingest_answer(in);
 }
