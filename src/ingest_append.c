@@ -9,9 +9,9 @@
  * of the transaction (the connection, the COPY's end, the dead letters'
  * COPY, failure, the answer's JSON, the key's claim) and calls in here.
  *
- *   BEGIN -> UP_TAKEOVER (the row by its token; lock_timeout; every other holder of the upload lock terminated)
- *     -> UP_LOCK (the lock, the row FOR UPDATE: the newest committed version, whatever the snapshot)
- *     -> COPY upload_rows -> STREAMING -> COPY_END -> [DEAD_LETTERS into upload_rejected]
+ *   UP_LOCK (one message: BEGIN, lock_timeout, the upload's lock tried and its row read, checked, COPY upload_rows)
+ *     -> [UP_TAKEOVER (another append held the lock: the same again, its holder terminated, the lock waited for)]
+ *     -> STREAMING -> COPY_END -> [DEAD_LETTERS into upload_rejected]
  *     -> not completing: UP_CLOSE (offset, counts, expiry) -> COMMIT: 204
  *     -> completing: [UP_ERRORS] -> [UP_KEY] -> UP_BATCH (batch + export horizon) -> UP_MOVE (staged rows into
  *        users, ORDER BY line; dead letters into rejected_records; staging deleted) -> UP_CLOSE -> COMMIT: 200
@@ -35,7 +35,7 @@ static unsigned upload_expiry(const ji_ingest_t *in)
     return in->env->upload_expiry_s != 0 ? in->env->upload_expiry_s : JI_DEFAULT_UPLOAD_EXPIRY_S;
 }
 
-/* ---- the start: the upload's lock and row, then the COPY ---- */
+/* ---- the start: one message from BEGIN to COPY IN (two when another append holds the lock) ---- */
 
 /** Refuses the append before anything of it was kept: `status` may differ from the kind's (410). */
 static void refuse_append(ji_ingest_t *in, ji_error_kind_t kind, int status, uint64_t offset, const char *message)
@@ -48,43 +48,12 @@ static void refuse_append(ji_ingest_t *in, ji_error_kind_t kind, int status, uin
     in->status = status;
 }
 
-/** An append's COPY into upload_rows started: the body streams. */
-static void on_copy_start(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
-{
-    ji_ingest_t *in = ctx;
-
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "starting COPY failed", res, err);
-        return;
-    }
-    (void)pg;
-    ji_ingest_tx_stream(in);
-}
-
-/** The rows of this append go to upload_rows from here on. */
-static void start_append_copy(ji_ingest_t *in)
-{
-    ji_error_t e;
-
-    if ((in->images = ji_image_batch_begin_append(in->env->images, in->upload_key, in->seq, &e)) == NULL) {
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    if (in->params.skip_errors && (in->dead = ji_dead_letters_new(in->env->images->pending_fd)) == NULL) {
-        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
-        ji_ingest_abort(in, &e);
-        return;
-    }
-    in->state = ST_COPY_START;
-    if (ji_pg_query(in->pg, COPY_UPLOAD_ROWS_SQL, 0, NULL, on_copy_start, in) != 0)
-        ji_ingest_tx_fail(in, "sending COPY failed", NULL, ji_pg_error(in->pg));
-}
-
 static int64_t field_int(const PGresult *res, int col, int64_t null_value)
 {
     return PQgetisnull(res, 0, col) ? null_value : strtoll(PQgetvalue(res, 0, col), NULL, 10);
 }
 
+/** The columns of the upload's row as the opening reads it (UPLOAD_ROW_COLUMNS). */
 enum {
     ROW_LOCK,
     ROW_STATE,
@@ -100,46 +69,49 @@ enum {
     ROW_MAX_ERRORS,
     ROW_KEY,
     ROW_BATCH_KEY,
+    ROW_UPLOAD_ID,
 };
+#define UPLOAD_ROW_COLUMNS                                                                                             \
+    "state, expires_at <= now(), length, upload_offset, lines, inserted, skipped, images, appends, skip_errors, "      \
+    "max_errors, idempotency_key, batch_key, upload_id"
 
-static void on_upload_row(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+/**
+ * The row decides (no row or expired: 404; committed: 409; failed or cancelled: 410; another offset: 409; an
+ * Upload-Length that differs, is below the offset or over --max-upload-bytes: 413). True when it refused the append
+ * (answered). The opening's CHECK statement asks the same of the row, but for the lengths.
+ */
+static bool upload_refuses(ji_ingest_t *in, const PGresult *res)
 {
-    ji_ingest_t *in = ctx;
     const char *state;
     uint64_t offset;
 
-    (void)pg;
-    if (err != NULL) {
-        ji_ingest_tx_fail(in, "locking the upload failed", res, err);
-        return;
-    }
-    if (PQntuples(res) != 1) {
+    if (PQntuples(res) != 1 || PQnfields(res) <= ROW_UPLOAD_ID) {
         refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload");
-        return;
+        return true;
     }
     state = PQgetvalue(res, 0, ROW_STATE);
     offset = (uint64_t)field_int(res, ROW_OFFSET, 0);
     if (strcmp(state, "committed") == 0) {
         refuse_append(in, JI_ERR_CONFLICT, 409, offset, "the upload is complete already");
-        return;
+        return true;
     }
     if (strcmp(state, "open") != 0) {
         refuse_append(in, JI_ERR_NOT_FOUND, 410, offset, "the upload ended (failed or cancelled)");
-        return;
+        return true;
     }
     if (PQgetvalue(res, 0, ROW_EXPIRED)[0] == 't') {
         refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload (it expired)");
-        return;
+        return true;
     }
     if (offset != in->app.offset) {
         refuse_append(in, JI_ERR_CONFLICT, 409, offset, "Upload-Offset is not the upload's offset");
-        return;
+        return true;
     }
     in->length = field_int(res, ROW_LENGTH, -1);
     if (in->app.length >= 0) {
         if (in->length >= 0 && in->length != in->app.length) {
             refuse_append(in, JI_ERR_TOO_LARGE, 413, offset, "Upload-Length differs from the upload's length");
-            return;
+            return true;
         }
         in->length = in->app.length;
     }
@@ -147,8 +119,19 @@ static void on_upload_row(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
         refuse_append(in, JI_ERR_TOO_LARGE, 413, offset,
                       (uint64_t)in->length < offset ? "Upload-Length is below the upload's offset"
                                                     : "Upload-Length is over --max-upload-bytes");
-        return;
+        return true;
     }
+    return false;
+}
+
+/** The append starts from the row (which took it): counts, options, keys, the image journal and the COPY's rows. */
+static void start_from_row(ji_ingest_t *in, const PGresult *res)
+{
+    uint64_t offset = (uint64_t)field_int(res, ROW_OFFSET, 0);
+    ji_error_t e;
+
+    snprintf(in->upload_id_text, sizeof(in->upload_id_text), "%s", PQgetvalue(res, 0, ROW_UPLOAD_ID));
+    in->upload_id = strtoll(in->upload_id_text, NULL, 10);
     in->start_offset = offset;
     in->result_offset = offset;
     in->bytes = offset;
@@ -170,46 +153,117 @@ static void on_upload_row(ji_pg_t *pg, void *ctx, PGresult *res, const char *err
     }
     snprintf(in->upload_key, sizeof(in->upload_key), "%s", PQgetvalue(res, 0, ROW_BATCH_KEY));
     snprintf(in->batch_key, sizeof(in->batch_key), "%s", in->upload_key);
-    start_append_copy(in);
+    if ((in->images = ji_image_batch_begin_append(in->env->images, in->upload_key, in->seq, &e)) == NULL) {
+        ji_ingest_abort(in, &e);
+        return;
+    }
+    if (in->params.skip_errors && (in->dead = ji_dead_letters_new(in->env->images->pending_fd)) == NULL) {
+        ji_error_set(&e, JI_ERR_INTERNAL, 0, NULL, "out of memory");
+        ji_ingest_abort(in, &e);
+        return;
+    }
+    ji_ingest_tx_stream(in);
 }
 
-static void on_taken_over(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
+/*
+ * The opening message (ji_pg_script: one round trip):
+ *
+ *   BEGIN; lock_timeout; READ; CHECK; COPY upload_rows FROM STDIN
+ *
+ * READ tries the upload's lock (never waits for it) and reads the row FOR UPDATE (the row lock waits only for a
+ * statement that changes the row without the upload's lock: fail mode's marking). When another append holds the
+ * lock, READ stops the message with an error of its own (a text cast to int that says so); then, and only then, the
+ * takeover message follows, which rolls the first one back:
+ *
+ *   ROLLBACK; BEGIN; lock_timeout; TERMINATE (every other holder of the lock); READ (waits for the lock, bounded by
+ *   lock_timeout; FOR UPDATE reads the newest committed version of the row); CHECK; COPY
+ *
+ * CHECK stops the message before the COPY when the row does not take this append (no row, not open, expired, not at
+ * the client's offset): C reads which answer from READ's row. The lengths (413) are C's alone, judged once the COPY
+ * began: that refusal ends the COPY with the rollback. Nothing is written before the body streams.
+ */
+
+/** SQLSTATE of the errors READ and CHECK stop the message with (invalid_text_representation: a text cast to int). */
+#define SQLSTATE_STOPPED "22P02"
+/** Statements of a message before READ: BEGIN, lock_timeout; after a takeover ROLLBACK and TERMINATE too. */
+#define OPENING_READ 2
+#define TAKEOVER_READ 4
+
+static void send_opening(ji_ingest_t *in, bool takeover);
+
+static void on_opened(ji_pg_t *pg, void *ctx, PGresult *const *results, int n, PGresult *failed, const char *err)
 {
     ji_ingest_t *in = ctx;
-    const char *params[1] = {in->upload_id_text};
+    bool takeover = in->state == ST_UP_TAKEOVER;
+    int read = takeover ? TAKEOVER_READ : OPENING_READ;
+    const char *sqlstate = failed != NULL ? PQresultErrorField(failed, PG_DIAG_SQLSTATE) : NULL;
+    bool stopped =
+        sqlstate != NULL && strcmp(sqlstate, SQLSTATE_STOPPED) == 0 && PQstatus(ji_pg_conn(pg)) == CONNECTION_OK;
 
     if (err != NULL) {
-        ji_ingest_tx_fail(in, "finding the upload failed", res, err);
+        if (stopped && n == read && !takeover) {
+            send_opening(in, true); /* another append holds the lock */
+            return;
+        }
+        if (stopped && n == read + 1) {
+            /* CHECK: the row says why */
+            if (!upload_refuses(in, results[read]))
+                ji_ingest_tx_fail(in, "locking the upload failed", failed, err);
+            return;
+        }
+        ji_ingest_tx_fail(in,
+                          n < read    ? "finding the upload failed"
+                          : n == read ? "locking the upload failed"
+                                      : "starting COPY failed",
+                          failed, err);
         return;
     }
-    if (PQntuples(res) != 1) {
-        refuse_append(in, JI_ERR_NOT_FOUND, 404, 0, "no such upload");
+    /* the connection is in COPY IN: a refusal from here ends the COPY with the rollback */
+    if (n != read + 3) {
+        ji_ingest_tx_fail(in, "locking the upload failed", NULL, "unexpected results of the opening statements");
         return;
     }
-    snprintf(in->upload_id_text, sizeof(in->upload_id_text), "%s", PQgetvalue(res, 0, 0));
-    in->upload_id = strtoll(in->upload_id_text, NULL, 10);
-    in->state = ST_UP_LOCK;
-    /* FOR UPDATE reads the newest committed version of the row, even one committed after this statement began */
-    if (ji_pg_query(pg,
-                    "SELECT " JI_UPLOAD_LOCK_SQL(
-                        "$1::bigint") ", state, expires_at <= now(), length, upload_offset, "
-                                      "lines, inserted, skipped, images, appends, skip_errors, "
-                                      "max_errors, idempotency_key, batch_key FROM uploads "
-                                      "WHERE upload_id = $1::bigint FOR UPDATE",
-                    1, params, on_upload_row, in) != 0)
-        ji_ingest_tx_fail(in, "locking the upload failed", NULL, ji_pg_error(pg));
+    if (!upload_refuses(in, results[read]))
+        start_from_row(in, results[read]);
+}
+
+static void send_opening(ji_ingest_t *in, bool takeover)
+{
+    ji_pg_t *pg = in->pg;
+    char *token = PQescapeLiteral(ji_pg_conn(pg), in->app.token, strlen(in->app.token));
+    ji_text_t sql = {0};
+
+    if (token == NULL) {
+        sql.failed = true;
+    } else {
+        ji_text_append(&sql, takeover ? "ROLLBACK; BEGIN; " : "BEGIN; ", takeover ? 17 : 7);
+        ji_text_append(&sql,
+                       H2O_STRLIT("SELECT set_config('lock_timeout', '" JI_STR(JI_PG_LOCK_TIMEOUT_MS) "', true); "));
+        if (takeover)
+            ji_text_printf(&sql, "SELECT " JI_UPLOAD_TERMINATE_SQL("upload_id") " FROM uploads WHERE token = %s; ",
+                           token);
+        if (takeover)
+            ji_text_append(&sql, H2O_STRLIT("SELECT " JI_UPLOAD_LOCK_SQL("upload_id")));
+        else
+            ji_text_append(&sql, H2O_STRLIT("SELECT CASE WHEN pg_try_advisory_xact_lock" JI_UPLOAD_LOCK_ARGS(
+                                     "upload_id") " THEN 0 ELSE ('jsonl-ingest: another append holds upload ' || "
+                                                  "upload_id || ': it is taken over')::int END"));
+        ji_text_printf(&sql,
+                       ", " UPLOAD_ROW_COLUMNS " FROM uploads WHERE token = %s FOR UPDATE; "
+                       "SELECT CASE WHEN bool_and(state = 'open' AND (expires_at <= now()) IS NOT TRUE AND "
+                       "coalesce(upload_offset, 0) = %" PRIu64 ") THEN 0 ELSE ('jsonl-ingest: the upload does not "
+                       "take an append at offset %" PRIu64 " (' || coalesce(min(state), 'no such upload') || ')')::int "
+                       "END FROM uploads WHERE token = %s; " COPY_UPLOAD_ROWS_SQL,
+                       token, in->app.offset, in->app.offset, token);
+        PQfreemem(token);
+    }
+    ji_ingest_tx_send_script(in, &sql, takeover ? ST_UP_TAKEOVER : ST_UP_LOCK, on_opened,
+                             takeover ? "taking the upload over failed" : "finding the upload failed");
 }
 
 void ji_ingest_append_open(ji_ingest_t *in)
 {
-    const char *params[2] = {in->app.token, JI_STR(JI_PG_LOCK_TIMEOUT_MS)};
-
-    in->state = ST_UP_TAKEOVER;
-    if (ji_pg_query(in->pg,
-                    "SELECT u.upload_id, set_config('lock_timeout', $2, true), " JI_UPLOAD_TERMINATE_SQL(
-                        "u.upload_id") " FROM uploads u WHERE u.token = $1",
-                    2, params, on_taken_over, in) != 0)
-        ji_ingest_tx_fail(in, "finding the upload failed", NULL, ji_pg_error(in->pg));
+    send_opening(in, false);
 }
 
 /* ---- COMMIT ---- */

@@ -27,10 +27,9 @@ typedef enum {
     ST_CONNECTING,
     ST_BEGIN,
     ST_CLAIM,       /**< lock_timeout set; with a key: its lock tried, the key looked up (ji_idempotency_claim) */
-    ST_UP_TAKEOVER, /**< append: the upload found by its token, the holder of its lock terminated */
-    ST_UP_LOCK,     /**< append: the upload's lock taken, its row read */
+    ST_UP_LOCK,     /**< append: the opening message (BEGIN, the upload's lock tried, its row read and checked, COPY) */
+    ST_UP_TAKEOVER, /**< append: the opening again, the holder of the upload's lock terminated, the lock waited for */
     ST_BATCH,
-    ST_COPY_START,
     ST_STREAMING,
     ST_REPLAY, /**< the key committed with an earlier request: the body is only hashed */
     ST_COPY_END,
@@ -170,6 +169,12 @@ bool ji_ingest_tx_abort(ji_ingest_t *in) JI_MUST_CHECK;
 uint64_t ji_ingest_lines(const ji_ingest_t *in);
 /** Gives the connection back to be rolled back in the background (the answer does not wait). */
 void ji_ingest_tx_release(ji_ingest_t *in);
+/**
+ * Sends `sql` (several statements, one message: ji_pg_script) in `state`, then frees it; a failure to send, or `sql`
+ * out of memory, is the request's failure (`what`).
+ */
+void ji_ingest_tx_send_script(ji_ingest_t *in, ji_text_t *sql, ingest_state_t state, ji_pg_script_cb cb,
+                              const char *what);
 /** The success answer (POST /users JSON), built before COMMIT so that an Idempotency-Key can keep it with the batch. */
 void ji_ingest_tx_build_answer(ji_ingest_t *in);
 /** Answers 200 with what in->answer holds. */
@@ -201,7 +206,7 @@ void ji_ingest_tx_settle_claim(ji_ingest_t *in, const ji_key_claim_t *claim, con
 /** An append's dead letters, staged with the upload's id (ingest_tx.c's COPY of the rejected records). */
 #define JI_COPY_UPLOAD_REJECTED_SQL "COPY upload_rejected (upload_id, line, error, field, record, truncated) FROM STDIN"
 
-/** Append, the transaction begun: the upload's lock and row, then the COPY of its rows (or the refusal). */
+/** Append, the connection obtained: the transaction, the upload's lock and row, then the COPY of its rows. */
 void ji_ingest_append_open(ji_ingest_t *in);
 /** Append: the complete lines are all staged (the COPY of this append's rows ended): stage or finish the upload. */
 void ji_ingest_tx_end_append(ji_ingest_t *in);

@@ -232,8 +232,8 @@ static void append_literal(ji_text_t *t, ji_pg_t *pg, const char *s)
     PQfreemem(lit);
 }
 
-/** Sends `sql` (several statements, one message) in `state`; a failure to send is the request's failure. */
-static void send_script(ji_ingest_t *in, ji_text_t *sql, ingest_state_t state, ji_pg_script_cb cb, const char *what)
+void ji_ingest_tx_send_script(ji_ingest_t *in, ji_text_t *sql, ingest_state_t state, ji_pg_script_cb cb,
+                              const char *what)
 {
     ji_error_t e;
 
@@ -355,7 +355,8 @@ static void on_summary(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
     append_literal(&sql, pg, in->answer.base);
     ji_text_printf(&sql, ", request_digest = decode('%s', 'hex') WHERE batch_id = %" PRId64 "; COMMIT", digest,
                    in->batch_id);
-    send_script(in, &sql, ST_COMMIT, on_answer_committed, "keeping the answer of the Idempotency-Key failed");
+    ji_ingest_tx_send_script(in, &sql, ST_COMMIT, on_answer_committed,
+                             "keeping the answer of the Idempotency-Key failed");
 }
 
 /**
@@ -378,7 +379,7 @@ static void send_summary(ji_ingest_t *in)
         return;
     }
     ji_text_append(&sql, H2O_STRLIT("; COMMIT"));
-    send_script(in, &sql, ST_COMMIT, on_counts_committed, "sending the summary and COMMIT failed");
+    ji_ingest_tx_send_script(in, &sql, ST_COMMIT, on_counts_committed, "sending the summary and COMMIT failed");
 }
 
 /* ---- dead letters: the rejected records, from the spool into rejected_records ---- */
@@ -597,7 +598,7 @@ static void send_opening(ji_ingest_t *in)
     ji_text_t sql = {0};
     size_t first = build_opening(in, &sql);
 
-    send_script(in, &sql, ST_BATCH, on_opened, OPENING_STEPS[first]);
+    ji_ingest_tx_send_script(in, &sql, ST_BATCH, on_opened, OPENING_STEPS[first]);
 }
 
 /** Every body byte was hashed: the same content gets the kept answer, other content 422. */
@@ -717,10 +718,6 @@ static void on_begin(ji_pg_t *pg, void *ctx, PGresult *res, const char *err)
         ji_ingest_tx_fail(in, "BEGIN failed", res, err);
         return;
     }
-    if (in->append) {
-        ji_ingest_append_open(in);
-        return;
-    }
     in->state = ST_CLAIM;
     if (ji_idempotency_claim(&in->claim, pg, in->keyed ? in->key : NULL, ji_ingest_tx_key_ttl(in), on_key_claimed,
                              in) != 0)
@@ -735,12 +732,16 @@ static void on_connected(ji_pg_t *pg, void *ctx, const char *err)
         ji_ingest_tx_fail(in, "connecting failed", NULL, err);
         return;
     }
-    if (!in->keyed && !in->append) {
+    if (in->append) {
+        /* its own opening (the key, if any, is the upload's, claimed at its final commit) */
+        ji_ingest_append_open(in);
+        return;
+    }
+    if (!in->keyed) {
         send_opening(in);
         return;
     }
-    /* with a key: BEGIN, the key claimed (ji_idempotency_claim), then the opening; an append: BEGIN, then the
-     * upload's lock and row (the key, if any, is the upload's, claimed at its final commit) */
+    /* with a key: BEGIN, the key claimed (ji_idempotency_claim), then the opening */
     in->state = ST_BEGIN;
     if (ji_pg_query(pg, "BEGIN", 0, NULL, on_begin, in) != 0)
         ji_ingest_tx_fail(in, "BEGIN failed", NULL, ji_pg_error(pg));

@@ -250,7 +250,8 @@ def test_a_later_append_takes_over(srv, db):
     deadline = time.time() + 10
     while time.time() < deadline and db.sql(
             f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-            f"AND classid::bigint = 1426063360") == "0":
+            f"AND classid::bigint = 1426063360 "
+            f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == "0":
         time.sleep(0.05)
     r = patch(srv, token, 0, body)
     assert r.status == 200 and r.json()["inserted"] == 10, r
@@ -262,6 +263,40 @@ def test_a_later_append_takes_over(srv, db):
     first.close()
     assert not data.startswith(b"HTTP/1.1 2"), data[:200]
     assert upload_row(db, token) == f"committed,{len(body)},10,10,0,1"
+
+
+def test_a_session_holding_the_upload_lock_is_taken_over(srv, db):
+    """The append's first message finds the lock taken: the second terminates the session holding it (its
+    uncommitted offset is lost) and reads the row again: 409 with the durable offset, then appends go on."""
+    body = body_of(4, image=False)
+    token, _ = create_upload(db)
+    upload_id = db.sql(f"SELECT upload_id FROM uploads WHERE token = '{token}'")
+    lock = (f"pg_advisory_xact_lock((1426063360 | ({upload_id}::bigint >> 32))::int4, "
+            f"({upload_id}::bigint & 4294967295)::bit(32)::int4)")
+    holder = subprocess.Popen(["psql", db.url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c",
+                               f"BEGIN; SELECT {lock}; UPDATE uploads SET upload_offset = 999 "
+                               f"WHERE token = '{token}'; SELECT pg_sleep(60); COMMIT;"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and db.sql(
+                f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+                f"AND objid::bigint = {upload_id} "
+                f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == "0":
+            time.sleep(0.05)
+        r = patch(srv, token, 5, body)
+        assert r.status == 409 and offset_of(r) == 0, r
+        assert holder.wait(10) != 0
+        assert "terminat" in holder.stderr.read()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    r = patch(srv, token, 0, body)
+    assert r.status == 204 and offset_of(r) == len(body), r
+    r = patch(srv, token, len(body), b"", complete=True)
+    assert r.status == 200 and r.json()["inserted"] == 4, r
+    assert upload_row(db, token) == f"committed,{len(body)},4,4,0,2"
 
 
 def gc(db, images_dir):

@@ -559,7 +559,8 @@ def test_delete_takes_over_a_running_append(server, db, images_dir):
                    f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
                    f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:cut])
         held = ("SELECT count(*) FROM pg_locks l, uploads u WHERE u.token = '" + token + "' AND l.locktype = "
-                "'advisory' AND l.objsubid = 2 AND l.granted AND l.objid::bigint = (u.upload_id & 4294967295)")
+                "'advisory' AND l.objsubid = 2 AND l.granted AND l.objid::bigint = (u.upload_id & 4294967295) "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
         deadline = time.monotonic() + 20
         while db.sql(held) == "0" and time.monotonic() < deadline:
             time.sleep(0.05)
