@@ -3,7 +3,8 @@
  * lines without copying them: each line reaches its handler as one or more
  * fragments (pointers into the caller's buffer) followed by an end-of-line
  * call. It numbers lines from 1, enforces the per-record byte limit before
- * passing bytes on, and lets the handler pause after any line.
+ * passing bytes on, lets the handler pause after any line, and tells where in
+ * the stream the last line it ended stops.
  */
 #ifndef JI_SPLITTER_H
 #define JI_SPLITTER_H
@@ -31,6 +32,8 @@ typedef struct st_ji_splitter_t {
     size_t line_bytes;     /**< bytes of the current line seen so far */
     size_t max_line_bytes; /**< limit on line_bytes (--max-record-bytes) */
     bool skipping;         /**< dropping the rest of the current line (ji_splitter_skip_line) */
+    uint64_t consumed;     /**< bytes consumed since init: the stream offset of the next byte fed */
+    uint64_t line_end;     /**< stream offset just past the last '\n' consumed (0: none yet) */
 } ji_splitter_t;
 
 void ji_splitter_init(ji_splitter_t *s, size_t max_line_bytes, const ji_splitter_handler_t *handler, void *ctx);
@@ -54,6 +57,16 @@ void ji_splitter_skip_line(ji_splitter_t *s);
 static inline uint64_t ji_splitter_line(const ji_splitter_t *s)
 {
     return s->line;
+}
+
+/**
+ * Stream offset (counted from the first byte fed since init) just past the last '\n' consumed: the end of the
+ * last complete line, skipped lines included; 0 before any. A line ended by ji_splitter_finish (no '\n') and a
+ * '\n' a failing handler call left unconsumed do not count.
+ */
+static inline uint64_t ji_splitter_line_end_offset(const ji_splitter_t *s)
+{
+    return s->line_end;
 }
 
 /** Lines fully ended so far. */

@@ -910,28 +910,33 @@ void ji_image_batch_abort(ji_image_batch_t *b)
     free(b);
 }
 
-/* ---- the journals of a resumable upload ---- */
+/* ---- walking the journals ---- */
 
-typedef enum {
-    UPLOAD_REMOVE_FILES, /**< remove the listed files, then the journal */
-    UPLOAD_KEEP_FILES,   /**< drop the journal only (the upload committed) */
-} upload_settle_t;
+/**
+ * What to do with the journals of .pending: `wanted` picks them by name; `settle` gets each picked one that is a
+ * regular file nobody holds (opened, locked) and answers 1 = remove the journal, 0 = leave it, -1 = leave it with
+ * `err` filled. Files it removes are added to *removed.
+ */
+typedef struct {
+    bool (*wanted)(void *ctx, const char *name);
+    int (*settle)(ji_image_store_t *s, void *ctx, const char *name, int fd, uint64_t *removed, ji_error_t *err);
+    void *ctx;
+} journal_visitor_t;
 
 /*
- * Settles the unlocked append journals of the upload `key` (all of them, or only those of append `only_seq` when
- * `one_seq`): locked ones belong to an append in flight, which settles its own. Counts removed files in *removed.
- * 0, or -1 with `err` filled (it still went through every journal it could).
+ * Calls the visitor for each journal of .pending it wants that no request holds: a locked journal belongs to a
+ * request in flight, one of link count 0 was just ended (commit, abort, another walk), one that is not a regular
+ * file is not ours; all are left alone. It goes through every journal it can, counts removed files in *removed,
+ * and returns 0, or -1 with `err` filled by the first failure.
  */
-static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uint64_t only_seq, upload_settle_t how,
-                         uint64_t *removed, ji_error_t *err)
+static int walk_journals(ji_image_store_t *s, const journal_visitor_t *v, uint64_t *removed, ji_error_t *err)
 {
     uint64_t count = 0;
     int pending_fd, rc = 0;
     struct dirent *de;
     DIR *dir;
 
-    if (strlen(key) != HEX_CHARS || !is_hex(key, HEX_CHARS))
-        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "not an upload key");
+    /* a fresh open file description of .pending (its own directory offset: walks may run in several threads) */
     if ((pending_fd = openat(s->pending_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
         return io_error(err, 0, errno, "cannot open the image journals (" PENDING_DIR ")");
     if ((dir = fdopendir(pending_fd)) == NULL) {
@@ -940,12 +945,13 @@ static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uin
         return -1;
     }
     for (errno = 0; (de = readdir(dir)) != NULL; errno = 0) {
+        ji_error_t failure;
         struct stat st;
-        uint64_t seq;
-        int fd;
+        int fd, verdict;
 
-        if (!is_upload_journal(de->d_name, key, &seq) || (one_seq && seq != only_seq))
+        if (!v->wanted(v->ctx, de->d_name))
             continue;
+        /* O_NONBLOCK: a FIFO planted under a journal's name must not block the walk (it is skipped below) */
         if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) < 0) {
             if (errno != ENOENT && rc == 0)
                 rc = io_error(err, 0, errno, "cannot open an image journal");
@@ -956,14 +962,12 @@ static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uin
             close(fd);
             continue;
         }
-        if (how == UPLOAD_REMOVE_FILES && remove_listed(s->dir_fd, fd, &count) != 0) {
-            if (rc == 0)
-                rc = ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot remove the files of image journal %s",
-                                  de->d_name);
-            close(fd);
-            continue;
+        verdict = v->settle(s, v->ctx, de->d_name, fd, &count, &failure);
+        if (verdict < 0 && rc == 0) {
+            *err = failure;
+            rc = -1;
         }
-        if (unlinkat(pending_fd, de->d_name, 0) != 0 && errno != ENOENT && rc == 0)
+        if (verdict == 1 && unlinkat(pending_fd, de->d_name, 0) != 0 && errno != ENOENT && rc == 0)
             rc = io_error(err, 0, errno, "cannot remove an image journal");
         close(fd);
     }
@@ -973,6 +977,63 @@ static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uin
     if (removed != NULL)
         *removed = count;
     return rc;
+}
+
+/* Removes the files a journal lists (then the walk removes the journal). */
+static int remove_journal_files(ji_image_store_t *s, const char *name, int fd, uint64_t *removed, ji_error_t *err)
+{
+    if (remove_listed(s->dir_fd, fd, removed) != 0) {
+        ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot remove the files of image journal %s", name);
+        return -1;
+    }
+    return 1;
+}
+
+/* ---- the journals of a resumable upload ---- */
+
+typedef enum {
+    UPLOAD_REMOVE_FILES, /**< remove the listed files, then the journal */
+    UPLOAD_KEEP_FILES,   /**< drop the journal only (the upload committed) */
+} upload_settle_t;
+
+/** The journals of one upload: its key, all appends or only `only_seq` (when `one_seq`), and what to do. */
+typedef struct {
+    const char *key;
+    bool one_seq;
+    uint64_t only_seq;
+    upload_settle_t how;
+} upload_journals_t;
+
+static bool is_upload_journal_wanted(void *ctx, const char *name)
+{
+    const upload_journals_t *u = ctx;
+    uint64_t seq;
+
+    return is_upload_journal(name, u->key, &seq) && (!u->one_seq || seq == u->only_seq);
+}
+
+static int settle_upload_journal(ji_image_store_t *s, void *ctx, const char *name, int fd, uint64_t *removed,
+                                 ji_error_t *err)
+{
+    const upload_journals_t *u = ctx;
+
+    return u->how == UPLOAD_REMOVE_FILES ? remove_journal_files(s, name, fd, removed, err) : 1;
+}
+
+/*
+ * Settles the unlocked append journals of the upload `key` (all of them, or only those of append `only_seq` when
+ * `one_seq`): locked ones belong to an append in flight, which settles its own. Counts removed files in *removed.
+ * 0, or -1 with `err` filled (it still went through every journal it could).
+ */
+static int settle_upload(ji_image_store_t *s, const char *key, bool one_seq, uint64_t only_seq, upload_settle_t how,
+                         uint64_t *removed, ji_error_t *err)
+{
+    upload_journals_t u = {.key = key, .one_seq = one_seq, .only_seq = only_seq, .how = how};
+    journal_visitor_t v = {is_upload_journal_wanted, settle_upload_journal, &u};
+
+    if (strlen(key) != HEX_CHARS || !is_hex(key, HEX_CHARS))
+        return ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "not an upload key");
+    return walk_journals(s, &v, removed, err);
 }
 
 ji_image_batch_t *ji_image_batch_begin_append(ji_image_store_t *s, const char *upload_key, uint64_t seq,
@@ -996,60 +1057,39 @@ int ji_image_store_keep_upload(ji_image_store_t *s, const char *upload_key, ji_e
     return settle_upload(s, upload_key, false, 0, UPLOAD_KEEP_FILES, NULL, err);
 }
 
+/* gc: the committed() question and its context. */
+typedef struct {
+    int (*committed)(void *ctx, const char *key);
+    void *ctx;
+} gc_question_t;
+
+static bool is_any_journal(void *ctx, const char *name)
+{
+    (void)ctx;
+    return is_journal_name(name); /* not ours: left alone */
+}
+
+/* committed() answers for the key at the start of the name: 0 = dead (files go), 1 = keep files, else leave. */
+static int settle_gc_journal(ji_image_store_t *s, void *ctx, const char *name, int fd, uint64_t *removed,
+                             ji_error_t *err)
+{
+    const gc_question_t *q = ctx;
+    char key[HEX_CHARS + 1];
+    int verdict;
+
+    memcpy(key, name, HEX_CHARS);
+    key[HEX_CHARS] = '\0';
+    verdict = q->committed(q->ctx, key);
+    if (verdict == 0)
+        return remove_journal_files(s, key, fd, removed, err);
+    return verdict == 1 ? 1 : 0;
+}
+
 int ji_image_store_gc(ji_image_store_t *s, int (*committed)(void *ctx, const char *key), void *ctx, uint64_t *removed,
                       ji_error_t *err)
 {
-    uint64_t count = 0;
-    int pending_fd, rc = 0;
-    struct dirent *de;
-    DIR *dir;
+    gc_question_t q = {committed, ctx};
+    journal_visitor_t v = {is_any_journal, settle_gc_journal, &q};
 
-    /* a fresh open file description of .pending (its own directory offset: gc may run in several threads) */
-    if ((pending_fd = openat(s->pending_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
-        return io_error(err, 0, errno, "cannot open the image journals (" PENDING_DIR ")");
-    if ((dir = fdopendir(pending_fd)) == NULL) {
-        io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
-        close(pending_fd);
-        return -1;
-    }
-    for (errno = 0; (de = readdir(dir)) != NULL; errno = 0) {
-        char key[HEX_CHARS + 1];
-        struct stat st;
-        int fd, verdict;
-
-        if (!is_journal_name(de->d_name))
-            continue; /* not ours: leave it alone */
-        /* O_NONBLOCK: a FIFO planted under a journal's name must not block gc (it is skipped below) */
-        if ((fd = openat(pending_fd, de->d_name, O_RDWR | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)) < 0) {
-            if (errno != ENOENT && rc == 0)
-                rc = io_error(err, 0, errno, "cannot open an image journal");
-            continue;
-        }
-        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-            close(fd); /* not a journal we wrote: leave it alone */
-            continue;
-        }
-        /* Locked: a request in flight. Link count 0: it just ended (commit or abort) or another gc took it. */
-        if ((flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) || fstat(fd, &st) != 0 || st.st_nlink == 0) {
-            close(fd);
-            continue;
-        }
-        memcpy(key, de->d_name, HEX_CHARS);
-        key[HEX_CHARS] = '\0';
-        verdict = committed(ctx, key);
-        if (verdict == 0 && remove_listed(s->dir_fd, fd, &count) != 0) {
-            if (rc == 0)
-                rc = ji_error_set(err, JI_ERR_INTERNAL, 0, NULL, "cannot remove the files of image journal %s", key);
-            verdict = -1;
-        }
-        if ((verdict == 0 || verdict == 1) && unlinkat(pending_fd, de->d_name, 0) != 0 && errno != ENOENT && rc == 0)
-            rc = io_error(err, 0, errno, "cannot remove an image journal");
-        close(fd);
-    }
-    if (errno != 0 && rc == 0)
-        rc = io_error(err, 0, errno, "cannot read the image journals (" PENDING_DIR ")");
-    closedir(dir);
-    if (removed != NULL)
-        *removed = count;
-    return rc;
+    return walk_journals(s, &v, removed, err);
 }

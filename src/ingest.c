@@ -585,11 +585,9 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     }
     if (in->digest != NULL)
         ji_request_digest_update(in->digest, data, consumed);
-    if (in->append && consumed > 0) {
-        const char *nl = memrchr(data, '\n', consumed);
-        if (nl != NULL)
-            in->fed_to_newline = in->fed + (uint64_t)(nl - data) + 1;
+    if (in->append) {
         in->fed += consumed;
+        in->fed_to_newline = ji_splitter_line_end_offset(&in->splitter);
     }
     in->bytes += consumed;
     atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);

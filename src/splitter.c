@@ -2,8 +2,9 @@
  * splitter.c — owns cutting the decoded body into lines: it finds each '\n'
  * with memchr, hands the bytes before it on as fragments that point into the
  * caller's buffer (no copy, no buffer of its own), counts lines, enforces the
- * per-line byte limit before any byte over it is passed on, and stops where a
- * handler asks to pause.
+ * per-line byte limit before any byte over it is passed on, stops where a
+ * handler asks to pause, and keeps the stream offset just past the last '\n'
+ * it consumed (one store per line: no second scan of the bytes).
  */
 #include "splitter.h"
 
@@ -17,6 +18,8 @@ void ji_splitter_init(ji_splitter_t *s, size_t max_line_bytes, const ji_splitter
     s->line_bytes = 0;
     s->max_line_bytes = max_line_bytes;
     s->skipping = false;
+    s->consumed = 0;
+    s->line_end = 0;
 }
 
 void ji_splitter_skip_line(ji_splitter_t *s)
@@ -61,6 +64,7 @@ ji_split_result_t ji_splitter_feed(ji_splitter_t *s, const char *data, size_t le
             }
             end_skipped_line(s);
             pos = end + 1;
+            s->line_end = s->consumed + pos;
             continue;
         }
         if (n != 0) {
@@ -82,9 +86,11 @@ ji_split_result_t ji_splitter_feed(ji_splitter_t *s, const char *data, size_t le
         if (res == JI_SPLIT_ERROR)
             break;
         pos = end + 1;
+        s->line_end = s->consumed + pos;
         if (res == JI_SPLIT_PAUSED)
             break;
     }
+    s->consumed += pos;
     *consumed = pos;
     return res;
 }

@@ -358,32 +358,21 @@ static void on_ingest_resume(ji_ingest_t *in, void *owner)
 static void answer_resumable(ji_upload_t *u, int status, const char *body, size_t len, unsigned retry_after,
                              uint64_t offset);
 
+/*
+ * The ingest ended: a POST /users, or an append to a resumable upload (answered with its durable offset). A failure
+ * is logged with its route; `body` belongs to the ingest: it is copied, the ingest freed, then the answer goes out
+ * (which may close the connection).
+ */
 static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char *body, size_t len, unsigned retry_after)
 {
     ji_upload_t *u = owner;
+    bool resumable = u->resumable;
+    uint64_t offset = resumable ? ji_ingest_append_offset(in) : 0;
     ji_text_t copy = {0};
 
-    if (u->resumable) {
-        uint64_t offset = ji_ingest_append_offset(in);
-        if (status >= 300)
-            fprintf(stderr, "%s: %s /uploads/%s %d %.*s", u->conn->client, u->rr.create ? "POST" : "PATCH",
-                    u->rr.append.token, status, (int)len, body);
-        ji_text_append(&copy, body, len);
-        ji_ingest_outcome(in, &u->outcome);
-        ji_ingest_free(in);
-        u->ingest = NULL;
-        if (copy.failed) {
-            ji_text_free(&copy);
-            ji_conn_close(u->conn);
-            return;
-        }
-        answer_resumable(u, status, copy.base, copy.len, retry_after, offset);
-        ji_text_free(&copy);
-        return;
-    }
-    if (status != 200)
-        fprintf(stderr, "%s: POST /users %d %.*s", u->conn->client, status, (int)len, body);
-    /* `body` belongs to the ingest: copy it, free the ingest, then answer (which may close the connection) */
+    if (resumable ? status >= 300 : status != 200)
+        fprintf(stderr, "%s: %s %s%s %d %.*s", u->conn->client, resumable && !u->rr.create ? "PATCH" : "POST",
+                resumable ? "/uploads/" : "/users", resumable ? u->rr.append.token : "", status, (int)len, body);
     ji_text_append(&copy, body, len);
     ji_ingest_outcome(in, &u->outcome);
     ji_ingest_free(in);
@@ -393,7 +382,10 @@ static void on_ingest_done(ji_ingest_t *in, void *owner, int status, const char 
         ji_conn_close(u->conn);
         return;
     }
-    answer(u, status, copy.base, copy.len, retry_after);
+    if (resumable)
+        answer_resumable(u, status, copy.base, copy.len, retry_after, offset);
+    else
+        answer(u, status, copy.base, copy.len, retry_after);
     ji_text_free(&copy);
 }
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -35,6 +36,27 @@ IMAGE_PATH_RE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{32}\.([a-z0-9]+)$
 EXTENSIONS = {"image/png": {"png"}, "image/jpeg": {"jpg", "jpeg"}, "image/gif": {"gif"}}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CURL_MAX_TIME = "20"
+
+
+# ------------------------------------------------------------------ big generated bodies
+def roomy_tmp(need_bytes):
+    """/dev/shm when it has room (tmpfs: no disk effects in the figures), else the default tmp."""
+    for d in ("/dev/shm", tempfile.gettempdir()):
+        try:
+            st = os.statvfs(d)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK) and st.f_bavail * st.f_frsize > need_bytes:
+            return d
+    return tempfile.gettempdir()
+
+
+def gen_users(n, out, timeout=300):
+    """scripts/gen-users --all-hashes: `n` users in `out`; returns the path of the JSON Lines file (the sha256 and
+    length of every image are in users-<n>.hashes.tsv next to it)."""
+    subprocess.run([PYTHON, GEN_USERS, "--users", str(n), "--all-hashes", "--out", out],
+                   check=True, capture_output=True, timeout=timeout)
+    return os.path.join(out, f"users-{n}.jsonl")
 
 
 # ------------------------------------------------------------------ conninfo

@@ -49,18 +49,6 @@ def distinct_free_ports(n):
     return sorted(ports)
 
 
-def roomy_tmp(need_bytes):
-    """/dev/shm when it has room (tmpfs: no disk effects in the figures), else the default tmp."""
-    for d in ("/dev/shm", tempfile.gettempdir()):
-        try:
-            st = os.statvfs(d)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK) and st.f_bavail * st.f_frsize > need_bytes:
-            return d
-    return tempfile.gettempdir()
-
-
 class InstanceLog:
     """What conftest attaches to a failed test's report (port, argv, log_tail)."""
 
@@ -196,7 +184,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def module_cluster(module_db, tmp_path_factory):
     # room for the memory test: a 585 MB body (written beside) and 440 MB of images
-    work = tempfile.mkdtemp(prefix="ji-cluster-", dir=roomy_tmp(2_500_000_000))
+    work = tempfile.mkdtemp(prefix="ji-cluster-", dir=helpers.roomy_tmp(2_500_000_000))
     c = Cluster(work, module_db)
     c.start()
     yield c
@@ -543,9 +531,7 @@ def test_585mb_over_tls_bounded_memory(cluster, db, figures):
     the answer within 1 s of the last byte."""
     gen = os.path.join(os.path.dirname(cluster.images_dir), "gen")
     try:
-        subprocess.run([helpers.PYTHON, helpers.GEN_USERS, "--users", str(MEMORY_USERS), "--all-hashes",
-                        "--out", gen], check=True, capture_output=True, timeout=300)
-        body = os.path.join(gen, f"users-{MEMORY_USERS}.jsonl")
+        body = helpers.gen_users(MEMORY_USERS, gen)
         size = os.path.getsize(body)
         assert size > 580_000_000
         if not all(cluster.reset_peak_rss(p) for p in cluster.ports):

@@ -5,7 +5,6 @@ under 64 MiB. Throughput and latency figures are printed, not asserted.
 Select with `-m memory`, deselect with `-m 'not memory'`; scripts/test runs it."""
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
@@ -18,33 +17,19 @@ N_USERS = 5000
 PEAK_RSS_LIMIT_MIB = 64
 
 
-def roomy_tmp(need_bytes):
-    """/dev/shm when it has room (tmpfs: no disk effects in the figures), else the default tmp."""
-    for d in ("/dev/shm", tempfile.gettempdir()):
-        try:
-            st = os.statvfs(d)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK) and st.f_bavail * st.f_frsize > need_bytes:
-            return d
-    return tempfile.gettempdir()
-
-
 @pytest.mark.memory
 @pytest.mark.timeout(420)
 def test_5000_users_584mb_bounded_memory(start_server, db, figures):
     # body ~585 MB + images ~439 MB, with room to spare
-    base = roomy_tmp(2_500_000_000)
+    base = helpers.roomy_tmp(2_500_000_000)
     work = tempfile.mkdtemp(prefix="ji-memory-", dir=base)
     try:
         images = os.path.join(work, "images")
         srv = start_server(fsync="off", images_dir=images)   # fail fast before generating
         gen = os.path.join(work, "gen")
         t0 = time.monotonic()
-        subprocess.run([helpers.PYTHON, helpers.GEN_USERS, "--users", str(N_USERS), "--all-hashes",
-                        "--out", gen], check=True, capture_output=True, timeout=300)
+        body = helpers.gen_users(N_USERS, gen)
         gen_s = time.monotonic() - t0
-        body = os.path.join(gen, f"users-{N_USERS}.jsonl")
         size = os.path.getsize(body)
         assert size > 580_000_000
 

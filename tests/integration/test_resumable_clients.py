@@ -36,18 +36,6 @@ PROTOCOLS = ("tus-v1", "ietf-draft-05")
 PATIENT_RETRIES = ",".join(["100"] * 5 + ["300"] * 20 + ["1000"] * 60)
 
 
-def roomy_tmp(need_bytes):
-    """/dev/shm when it has room (tmpfs: no disk effects), else the default tmp."""
-    for d in ("/dev/shm", tempfile.gettempdir()):
-        try:
-            st = os.statvfs(d)
-        except OSError:
-            continue
-        if os.access(d, os.W_OK) and st.f_bavail * st.f_frsize > need_bytes:
-            return d
-    return tempfile.gettempdir()
-
-
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def node_client():
@@ -64,9 +52,7 @@ class Generated:
 
     def __init__(self, work, n):
         out = os.path.join(work, f"gen-{n}")
-        subprocess.run([helpers.PYTHON, helpers.GEN_USERS, "--users", str(n), "--all-hashes", "--out", out],
-                       check=True, capture_output=True, timeout=600)
-        self.path = os.path.join(out, f"users-{n}.jsonl")
+        self.path = helpers.gen_users(n, out, timeout=600)
         self.size = os.path.getsize(self.path)
         self.n = n
         self.hashes = {}
@@ -78,7 +64,7 @@ class Generated:
 
 @pytest.fixture(scope="module")
 def work_dir():
-    work = tempfile.mkdtemp(prefix="ji-resumable-", dir=roomy_tmp(3_000_000_000))
+    work = tempfile.mkdtemp(prefix="ji-resumable-", dir=helpers.roomy_tmp(3_000_000_000))
     yield work
     shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,7 @@
-/* test_splitter.c — lines come out the same however the input is cut; limits, pauses and handler errors. */
+/*
+ * test_splitter.c — lines come out the same however the input is cut; limits, pauses and handler errors; the
+ * stream offset past the last line end.
+ */
 #include "splitter.h"
 
 #include <stdlib.h>
@@ -336,7 +339,95 @@ static void test_zero_copy(void)
     CHECK_EQ_INT(f.n, 2);
 }
 
+/* Reference for the offset past the last line end: the byte after the last '\n' of text[0, upto), or 0. */
+static uint64_t last_newline_end(const char *text, size_t upto)
+{
+    for (size_t i = upto; i > 0; i--)
+        if (text[i - 1] == '\n')
+            return i;
+    return 0;
+}
+
+/* Feeds one more slice (all of it taken) and returns the offset past the last line end so far. */
+static uint64_t feed_slice(rec_t *r, ji_splitter_t *s, const char *slice)
+{
+    size_t used = 0;
+
+    r->buf = slice;
+    r->buf_len = strlen(slice);
+    CHECK_EQ_INT(ji_splitter_feed(s, slice, r->buf_len, &used), JI_SPLIT_OK);
+    CHECK_EQ_INT(used, r->buf_len);
+    return ji_splitter_line_end_offset(s);
+}
+
+/* The offset just past the last '\n' consumed, counted over the whole stream, whatever the slices. */
+static void test_line_end_offset(void)
+{
+    rec_t r;
+    ji_splitter_t s;
+    size_t used;
+
+    /* a line split across slices: no end until its '\n' arrives, then the offset counts both slices */
+    rec_init(&r, "", 0);
+    ji_splitter_init(&s, 100, &handler, &r);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 0);
+    CHECK_EQ_INT(feed_slice(&r, &s, "ab"), 0);
+    CHECK_EQ_INT(feed_slice(&r, &s, "c\nde"), 4);
+
+    /* a slice with no '\n' leaves it where it was; finish() ends a line without one: no move either */
+    CHECK_EQ_INT(feed_slice(&r, &s, "fgh"), 4);
+    CHECK_EQ_INT(feed_slice(&r, &s, "\n\n"), 11);
+    CHECK_EQ_INT(ji_splitter_finish(&s), JI_SPLIT_OK);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 11);
+    CHECK_EQ_STR(r.out, "1:abc|2:defgh|3:|");
+
+    /* an over-limit line: the offset stays at the end of the line before it; once skipped, its '\n' counts */
+    const char *t = "ok\nabcdef\nz";
+    rec_init(&r, t, strlen(t));
+    ji_splitter_init(&s, 5, &handler, &r);
+    CHECK_EQ_INT(ji_splitter_feed(&s, t, strlen(t), &used), JI_SPLIT_TOO_LONG);
+    CHECK_EQ_INT(used, 3);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 3);
+    ji_splitter_skip_line(&s);
+    CHECK_EQ_INT(ji_splitter_feed(&s, t + 3, 4, &used), JI_SPLIT_OK); /* "abcd": still inside the skipped line */
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 3);
+    CHECK_EQ_INT(ji_splitter_feed(&s, t + 7, strlen(t) - 7, &used), JI_SPLIT_OK);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 10);
+    CHECK_EQ_STR(r.out, "1:ok|");
+
+    /* a pause counts the paused line's '\n'; a failing end of line leaves its '\n' unconsumed and uncounted */
+    t = "one\ntwo\nthree\n";
+    rec_init(&r, t, strlen(t));
+    r.pause_at = 2;
+    ji_splitter_init(&s, 100, &handler, &r);
+    CHECK_EQ_INT(ji_splitter_feed(&s, t, strlen(t), &used), JI_SPLIT_PAUSED);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 8);
+    r.fail_end = 3;
+    CHECK_EQ_INT(ji_splitter_feed(&s, t + used, strlen(t) - used, &used), JI_SPLIT_ERROR);
+    CHECK_EQ_INT(ji_splitter_line_end_offset(&s), 8);
+
+    /* cut anywhere in two places: after each slice, the offset is past the last '\n' fed so far */
+    size_t len = strlen(sample);
+    long wrong = 0;
+    for (size_t a = 0; a <= len; a++) {
+        for (size_t b = a; b <= len; b++) {
+            size_t cuts[] = {a, b, len};
+            size_t from = 0;
+            rec_init(&r, sample, len);
+            ji_splitter_init(&s, 100, &handler, &r);
+            for (size_t i = 0; i < 3; i++) {
+                if (ji_splitter_feed(&s, sample + from, cuts[i] - from, &used) != JI_SPLIT_OK ||
+                    ji_splitter_line_end_offset(&s) != last_newline_end(sample, cuts[i]))
+                    wrong++;
+                from = cuts[i];
+            }
+        }
+    }
+    CHECK_EQ_INT(wrong, 0);
+}
+
 UNIT_MAIN("splitter", {"whole", test_whole}, {"cut_at_every_two_places", test_cut_at_every_two_places},
           {"one_byte_pieces", test_one_byte_pieces}, {"trailing_newline_and_empty", test_trailing_newline_and_empty},
           {"too_long", test_too_long}, {"pause_and_resume", test_pause_and_resume},
-          {"handler_errors", test_handler_errors}, {"zero_copy", test_zero_copy})
+          {"handler_errors", test_handler_errors}, {"zero_copy", test_zero_copy},
+          {"line_end_offset", test_line_end_offset})
