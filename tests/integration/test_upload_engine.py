@@ -242,17 +242,22 @@ def test_client_dropping_mid_body_keeps_the_complete_lines(srv, db, images_dir):
     assert helpers.pending_files(images_dir) == []
 
 
+def wait_for_upload_lock(db, which):
+    """Waits up to 10 s until a session of this database holds an upload's advisory lock (`which`: a pg_locks
+    condition naming it)."""
+    deadline = time.time() + 10
+    while time.time() < deadline and db.sql(
+            f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND {which} "
+            f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == "0":
+        time.sleep(0.05)
+
+
 def test_a_later_append_takes_over(srv, db):
     body = body_of(10, image=False)
     token, _ = create_upload(db, length=len(body))
     first = socket.create_connection((srv.host, srv.port))
     first.sendall(patch_head(token, 0, len(body)) + body[:len(body) // 2])
-    deadline = time.time() + 10
-    while time.time() < deadline and db.sql(
-            f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-            f"AND classid::bigint = 1426063360 "
-            f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == "0":
-        time.sleep(0.05)
+    wait_for_upload_lock(db, "classid::bigint = 1426063360")
     r = patch(srv, token, 0, body)
     assert r.status == 200 and r.json()["inserted"] == 10, r
     first.settimeout(10)
@@ -278,12 +283,7 @@ def test_a_session_holding_the_upload_lock_is_taken_over(srv, db):
                                f"WHERE token = '{token}'; SELECT pg_sleep(60); COMMIT;"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 10
-        while time.time() < deadline and db.sql(
-                f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
-                f"AND objid::bigint = {upload_id} "
-                f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database())") == "0":
-            time.sleep(0.05)
+        wait_for_upload_lock(db, f"objid::bigint = {upload_id}")
         r = patch(srv, token, 5, body)
         assert r.status == 409 and offset_of(r) == 0, r
         assert holder.wait(10) != 0
