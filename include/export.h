@@ -42,11 +42,12 @@ typedef struct st_ji_worker_t ji_worker_t;
 
 /**
  * An ingest's horizon step, in its transaction before its COPY: a shared advisory lock, held to COMMIT or
- * ROLLBACK, naming the next id of the sequence. Every id the COPY takes afterwards is at least that bound.
+ * ROLLBACK, naming the next id of the sequence. Every id the COPY takes afterwards is at least that bound, which
+ * the statement returns as its first column (the ingest looks for its first user id from there).
  * Shared, so that any number of ingests hold the same bound at once without waiting.
  */
 #define JI_EXPORT_HORIZON_LOCK_SQL                                                                                     \
-    "SELECT pg_advisory_xact_lock_shared((" JI_EXPORT_HORIZON_TAG_KEY " | (b >> 32))::int4, "                          \
+    "SELECT b, pg_advisory_xact_lock_shared((" JI_EXPORT_HORIZON_TAG_KEY " | (b >> 32))::int4, "                       \
     "(b & 4294967295)::bit(32)::int4) FROM (SELECT least(" JI_EXPORT_SEQ_NEXT_SQL ", " JI_EXPORT_HORIZON_MAX_BOUND     \
     ") AS b OFFSET 0) s"
 

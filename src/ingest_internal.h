@@ -89,6 +89,7 @@ struct st_ji_ingest_t {
     char *copy_buf;
     size_t copy_len;
     int64_t batch_id;
+    int64_t id_floor; /**< the export horizon's bound of the opening: every user_id of the batch is at least this */
     char batch_id_text[24];
     char first_id[24], last_id[24];
 
