@@ -315,12 +315,19 @@ static void on_answer_committed(ji_pg_t *pg, void *ctx, PGresult *const *results
 }
 
 /**
+ * Rows from which the first user id is found walking the primary key from the export horizon's bound rather than
+ * scanning the batch's own index entries: the walk reads the ids that concurrent uploads took in between (a heap
+ * fetch each), the scan every row of the batch, so the walk wins only for big batches.
+ */
+#define ID_WALK_MIN_ROWS 4096
+
+/**
  * The batch's counts (GET /batches) and the first and last user id of the answer. The COPY took its ids in line
- * order from the sequence, so the last one is the session's currval. The first one is the batch's first row at or
- * above the export horizon's bound of the opening (every id of the batch is at least that bound): a walk of the
- * primary key from the bound, past the ids that concurrent uploads took in between, whatever the batch's size or
- * the table's. Without a bound (not expected), one scan of the batch's index entries, fenced by "OFFSET 0" from
- * the min/max rewrite that walks the primary key from the table's first row.
+ * order from the sequence. A batch of fewer than ID_WALK_MIN_ROWS rows reads both ids with one scan of its index
+ * entries, fenced by "OFFSET 0" from the min/max rewrite that walks the primary key from the table's first row.
+ * A bigger one takes its last id from the session's currval and its first from a walk of the primary key from the
+ * opening's horizon bound (every id of the batch is at least that bound): a 300,000-row batch no longer reads all
+ * its rows again at its end (50-100 ms).
  */
 static void append_counts_statement(ji_ingest_t *in, ji_text_t *sql)
 {
@@ -330,7 +337,7 @@ static void append_counts_statement(ji_ingest_t *in, ji_text_t *sql)
                    in->inserted, in->skipped, ji_ingest_lines(in), in->images_stored, in->bytes);
     if (in->inserted == 0)
         ji_text_printf(sql, " WHERE batch_id = %" PRId64 " RETURNING NULL::bigint, NULL::bigint", in->batch_id);
-    else if (in->id_floor > 0)
+    else if (in->inserted >= ID_WALK_MIN_ROWS && in->id_floor > 0)
         ji_text_printf(sql,
                        " WHERE batch_id = %" PRId64
                        " RETURNING (SELECT min(user_id) FROM users WHERE user_id >= %" PRId64 " AND batch_id = %" PRId64
