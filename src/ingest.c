@@ -508,7 +508,7 @@ static bool append_fits(ji_ingest_t *in, size_t len)
  */
 static void drop_partial_line(ji_ingest_t *in)
 {
-    if (in->fed_to_newline == in->fed)
+    if (ji_splitter_line_end_offset(&in->splitter) == in->fed)
         return;
     forget_line_image(in);
     if (in->line_failed || in->splitter.skipping) {
@@ -585,10 +585,8 @@ size_t ji_ingest_feed(ji_ingest_t *in, const char *data, size_t len)
     }
     if (in->digest != NULL)
         ji_request_digest_update(in->digest, data, consumed);
-    if (in->append) {
+    if (in->append)
         in->fed += consumed;
-        in->fed_to_newline = ji_splitter_line_end_offset(&in->splitter);
-    }
     in->bytes += consumed;
     atomic_fetch_add_explicit(&in->env->stats->body_bytes, consumed, memory_order_relaxed);
     if (!splitter_ok(in, r))

@@ -352,7 +352,7 @@ static void send_stage(ji_ingest_t *in)
     char v[7][24];
     const char *params[8] = {in->upload_id_text, v[0], v[1], v[2], v[3], v[4], in->length >= 0 ? v[5] : NULL, v[6]};
 
-    in->result_offset = in->start_offset + in->fed_to_newline;
+    in->result_offset = in->start_offset + ji_splitter_line_end_offset(&in->splitter);
     snprintf(v[0], sizeof(v[0]), "%" PRIu64, in->result_offset);
     snprintf(v[1], sizeof(v[1]), "%" PRIu64, ji_splitter_lines_done(&in->splitter));
     snprintf(v[2], sizeof(v[2]), "%" PRIu64, in->inserted);

@@ -119,16 +119,16 @@ struct st_ji_ingest_t {
     bool upload_failing;    /**< the upload is being marked failed before the answer */
     int64_t upload_id;      /**< 0 until the upload's row was found */
     char upload_id_text[24];
-    char upload_key[40];     /**< the upload's batch_key: its final batch, its journals */
-    int64_t length;          /**< the upload's length (-1: not known yet) */
-    uint64_t start_offset;   /**< the durable offset the append began at */
-    uint64_t lines_start;    /**< lines before start_offset */
-    uint64_t seq;            /**< the upload's committed appends before this one */
-    uint64_t fed;            /**< body bytes of this append taken */
-    uint64_t fed_to_newline; /**< of them, up to and including the last '\n' */
-    uint64_t result_offset;  /**< ji_ingest_append_offset */
-    uint64_t max_upload;     /**< --max-upload-bytes */
-    ji_pg_call_t fail_call;  /**< marks the upload failed (fail mode) */
+    char upload_key[40];    /**< the upload's batch_key: its final batch, its journals */
+    int64_t length;         /**< the upload's length (-1: not known yet) */
+    uint64_t start_offset;  /**< the durable offset the append began at */
+    uint64_t lines_start;   /**< lines before start_offset */
+    uint64_t seq;           /**< the upload's committed appends before this one */
+    uint64_t fed;           /**< body bytes of this append taken (the last complete line ends at the splitter's
+                              * ji_splitter_line_end_offset) */
+    uint64_t result_offset; /**< ji_ingest_append_offset */
+    uint64_t max_upload;    /**< --max-upload-bytes */
+    ji_pg_call_t fail_call; /**< marks the upload failed (fail mode) */
     const char *fail_values[3];
     char fail_status[8];
 };
